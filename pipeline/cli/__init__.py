@@ -1,0 +1,19 @@
+"""``pipeline``: the command line. Commands only parse options and delegate to the library."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline import __version__
+from pipeline.cli.data import data
+from pipeline.cli.run import run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipeline")
+def main() -> None:
+    """Batch vision jobs over Parquet image shards, on embedded Ray or a Ray cluster."""
+
+
+main.add_command(data)
+main.add_command(run)

@@ -1,0 +1,83 @@
+"""``pipeline data ...``: create, import and inspect datasets."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.common import print_table, user_errors
+
+
+@click.group()
+def data() -> None:
+    """Create, import and inspect datasets (Parquet image shards)."""
+
+
+def _report(result: dict, out: str) -> None:
+    click.echo(f"wrote {result['images']} images, {result['annotations']} annotations in {result['shards']} shard(s) to {out}")
+    errors = result.get("errors") or []
+    if errors:
+        click.echo(f"{len(errors)} image(s) could not be read; kept as error rows:", err=True)
+        for line in errors[:10]:
+            click.echo(f"  {line}", err=True)
+        if len(errors) > 10:
+            click.echo(f"  ... and {len(errors) - 10} more", err=True)
+
+
+@data.command("import-coco")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False), help="Folder the COCO file_names are relative to.")
+@click.option("--annotations", "annotations_file", required=True, type=click.Path(dir_okay=False), help="COCO annotations JSON file.")
+@click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.argument("out")
+@user_errors
+def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int, out: str) -> None:
+    """Import a COCO dataset (images + JSON) into shards at OUT."""
+    from pipeline.data.importers import import_coco
+
+    _report(import_coco(images_dir, annotations_file, out, rows_per_shard=rows_per_shard), out)
+
+
+@data.command("import-images")
+@click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.argument("out")
+@user_errors
+def import_images_cmd(images_dir: str, out: str, rows_per_shard: int) -> None:
+    """Import a folder of images (no labels) into shards at OUT."""
+    from pipeline.data.importers import import_images
+
+    _report(import_images(images_dir, out, rows_per_shard=rows_per_shard), out)
+
+
+@data.command("synth")
+@click.option("--images", required=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Dataset seed (same seed, same images).")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=32), help="Nominal image side in pixels (varies +-25%).")
+@click.option("--rows-per-shard", default=256, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.argument("out")
+@user_errors
+def synth_cmd(images: int, seed: int, size: int, rows_per_shard: int, out: str) -> None:
+    """Write a synthetic shapes dataset with exact boxes and masks."""
+    from pipeline.data.synth import synth_dataset
+
+    _report(synth_dataset(out, images=images, seed=seed, size=size, rows_per_shard=rows_per_shard), out)
+
+
+@data.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.argument("path")
+@user_errors
+def info_cmd(path: str, as_json: bool) -> None:
+    """Rows, shards, bytes, categories and annotations of a dataset."""
+    import json
+
+    from pipeline.data.info import dataset_info
+
+    info = dataset_info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    per_category = info.pop("annotations_per_category")
+    print_table([(k, v) for k, v in info.items()])
+    if per_category:
+        click.echo("")
+        print_table(sorted(per_category.items()), header=("category", "annotations"))

@@ -1,0 +1,185 @@
+"""YAML job files -> a validated :class:`JobSpec`, with ``extends:`` and ``--set`` overrides.
+
+Order of precedence (later wins): the ``extends:`` chain (paths relative to the file that names
+them), the job file itself, ``--set KEY=VALUE`` overrides, then ``--input``/``--output``.
+
+Every error names the file and the dotted key, e.g.
+``jobs/detect.yaml: stages.detect.score_threshold: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config.spec import JobSpec, StageSpec
+
+
+class ConfigError(ValueError):
+    """A job spec that cannot run; the message names the file and the key."""
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving ``extends:`` (a path or list of paths) recursively."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in _seen)}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop("extends", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = deep_merge(merged, read_yaml(path.parent / base, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Mappings merge key by key; anything else (lists included) is replaced by ``top``."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(data: dict, assignment: str, source: str = "--set") -> None:
+    """Apply ``a.b.c=value`` in place. Stages can be addressed by index or by name.
+
+    The value is parsed as YAML, so ``0.3`` is a float, ``true`` a bool, ``[1, 2]`` a list.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"{source} {assignment!r}: expected KEY=VALUE")
+    dotted, raw = assignment.split("=", 1)
+    keys = [k for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"{source} {assignment!r}: empty key in {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} {assignment!r}: value is not valid YAML: {exc}") from exc
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            index = _list_index(node, key, where, source)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source} {assignment!r}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+
+
+def _list_index(items: list, key: str, where: str, source: str) -> int:
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(f"{source}: {where}: index out of range (there are {len(items)})")
+        return index
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    if key not in names:
+        raise ConfigError(f"{source}: {where}: no stage named {key!r} (stages: {', '.join(map(str, names))})")
+    return names.index(key)
+
+
+def validate(data: dict, source: str) -> JobSpec:
+    """Validate a merged mapping into a JobSpec; every error names ``source`` and the key."""
+    from pipeline.stages import get_stage_spec, list_stages  # the registry imports stage modules
+
+    data = copy.deepcopy(data)
+    stages_raw = data.get("stages")
+    stages: list[StageSpec] = []
+    problems: list[str] = []
+    if isinstance(stages_raw, list):
+        seen: set[str] = set()
+        for i, raw in enumerate(stages_raw):
+            where = f"stages.{i}"
+            if not isinstance(raw, dict):
+                problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+                continue
+            raw = dict(raw)
+            raw.setdefault("type", raw.get("name"))
+            raw.setdefault("name", raw.get("type"))
+            stage_type = raw.get("type")
+            if stage_type is None:
+                problems.append(f"{where}.type: missing (known types: {', '.join(list_stages())})")
+                continue
+            spec_cls = get_stage_spec(stage_type)
+            if spec_cls is None:
+                problems.append(f"{where}.type: unknown stage type {stage_type!r} (known: {', '.join(list_stages())})")
+                continue
+            try:
+                spec = spec_cls.model_validate(raw)
+            except ValidationError as exc:
+                problems.extend(_format(exc, prefix=f"{where} ({raw['name']})"))
+                continue
+            if spec.name in seen:
+                problems.append(f"{where}.name: duplicate stage name {spec.name!r}")
+            seen.add(spec.name)
+            stages.append(spec)
+        data["stages"] = stages if not problems else []
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = _format(exc, prefix="", skip_stages=bool(problems)) + problems
+        job = None
+    if problems or job is None:
+        raise ConfigError(f"{source}: invalid job spec:\n  " + "\n  ".join(problems))
+    return job
+
+
+def _format(exc: ValidationError, prefix: str, skip_stages: bool = False) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if skip_stages and loc.startswith("stages"):
+            continue
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {msg}{got}")
+    return lines
+
+
+def load_job(
+    path: str | Path,
+    *,
+    overrides: list[str] = (),
+    input: str | None = None,
+    output: str | None = None,
+) -> JobSpec:
+    data = read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if input is not None:
+        data["input"] = input
+    if output is not None:
+        data["output"] = output
+    return validate(data, str(path))
+
+
+def dump(job: JobSpec) -> dict:
+    """The resolved spec as plain data (stage subclasses included), for job.json."""
+    return job.model_dump(mode="json", serialize_as_any=True)

@@ -1,0 +1,67 @@
+"""The typed job spec. YAML files are validated into these models before any work starts.
+
+Unknown keys are errors everywhere (``extra="forbid"``): a typo in a job file must fail loudly,
+not be ignored. Stage entries are validated by the model registered for their ``type`` (see
+:mod:`pipeline.stages`), so each stage owns its parameters while sharing the resource keys below.
+Resources are only *declared* here; :mod:`pipeline.engine.runner` applies them to the Ray plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from pipeline.data.decode import DEFAULT_MAX_PIXELS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSpec(Strict):
+    """Keys every stage has. A stage type subclasses this with its own parameters."""
+
+    type_name: ClassVar[str] = ""
+
+    name: str = Field(description="unique within the job; addressable as --set stages.NAME.KEY=VALUE")
+    type: str = Field(description="registered stage type, e.g. 'detect'")
+    batch_size: PositiveInt = Field(4, description="images per model call (bounds memory per actor)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractional shares a GPU")
+    pool_size: PositiveInt = Field(1, description="actors in this stage's pool")
+    threads: PositiveInt | None = Field(None, description="torch threads per actor (default: ceil(num_cpus))")
+
+    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
+        """Keyword arguments for the stage class; ``categories`` are the input dataset's."""
+        raise NotImplementedError
+
+    def preflight(self) -> None:
+        """Cheap checks that must fail before any data is read (e.g. weights files present)."""
+
+    @classmethod
+    def stage_class(cls) -> type:
+        raise NotImplementedError
+
+
+class DecodeSpec(Strict):
+    max_pixels: PositiveInt = Field(DEFAULT_MAX_PIXELS, description="larger images become error rows")
+    exif_transpose: bool = Field(True, description="apply EXIF orientation before the stages")
+    batch_size: PositiveInt = 16
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per decode task (leave room for the actors)")
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="join this cluster instead of starting local Ray")
+    num_cpus: PositiveInt | None = Field(None, description="CPUs of an embedded local Ray (default: all)")
+
+
+class JobSpec(Strict):
+    name: str
+    input: str = Field(description="dataset folder or URI (overridden by --input)")
+    output: str = Field(description="prediction dataset folder or URI (overridden by --output)")
+    read_batch_rows: PositiveInt = Field(64, description="rows per block read from a shard")
+    read_num_cpus: float = Field(0.25, gt=0, description="CPUs per shard-reading task")
+    decode: DecodeSpec = Field(default_factory=DecodeSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+    ray: RaySpec = Field(default_factory=RaySpec)

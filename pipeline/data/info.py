@@ -1,0 +1,50 @@
+"""``pipeline data info``: what is in a dataset, read column by column (image bytes are never loaded)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow.compute as pc
+
+from pipeline import schema
+from pipeline.data.shards import list_shards, read_meta, read_shard, resolve, shard_schema
+
+
+def dataset_info(path: str) -> dict:
+    shards = list_shards(path)
+    meta = read_meta(path)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in meta.categories}
+    rows = errors = n_bytes = annotations = crowd = detections = 0
+    per_category: Counter = Counter()
+    for shard in shards:
+        fs, p = resolve(shard)
+        n_bytes += fs.get_file_info(p).size or 0
+        present = shard_schema(shard).names
+        wanted = [c for c in (schema.ERROR, schema.ANNOTATIONS, schema.SCORES) if c in present]
+        table = read_shard(shard, columns=wanted)
+        rows += table.num_rows
+        if schema.ERROR in table.column_names:
+            errors += table.num_rows - table[schema.ERROR].null_count
+        if schema.ANNOTATIONS in table.column_names:
+            flat = pc.list_flatten(table[schema.ANNOTATIONS])
+            if len(flat):
+                annotations += len(flat)
+                crowd += int(pc.sum(pc.struct_field(flat, "iscrowd")).as_py() or 0)
+                per_category.update(pc.struct_field(flat, "category_id").to_pylist())
+        if schema.SCORES in table.column_names:
+            detections += len(pc.list_flatten(table[schema.SCORES]))
+    info = {
+        "path": path,
+        "kind": meta.kind,
+        "rows": rows,
+        "error_rows": errors,
+        "shards": len(shards),
+        "bytes": n_bytes,
+        "categories": len(meta.categories),
+        "annotations": annotations,
+        "crowd_annotations": crowd,
+        "annotations_per_category": {names.get(k, str(k)): v for k, v in sorted(per_category.items())},
+    }
+    if meta.kind == "predictions":
+        info["detections"] = detections
+    return info

@@ -1,0 +1,182 @@
+"""Reading and writing datasets: a folder of Parquet shards plus ``dataset.json``.
+
+Layout (local folder or any pyarrow filesystem URI such as ``s3://bucket/prefix``)::
+
+    DATASET/
+      dataset.json          # {"info": {...}, "categories": [...], "kind": "images"|"predictions"}
+      part-00000.parquet    # rows sorted by image_id within a shard
+      part-00001.parquet
+      ...
+
+Shards are the unit of parallelism, of resumption and of output naming: a job writes one output
+shard per input shard, under the same name. Shard files are written to a temporary name and
+renamed, so a reader never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+DATASET_JSON = "dataset.json"
+SHARD_PATTERN = "part-{:05d}.parquet"
+
+
+class DatasetError(ValueError):
+    """A dataset path that cannot be read as a dataset (named in the message)."""
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """Map a local path or URI to (filesystem, path inside it)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, name: str) -> str:
+    """Join a URI-or-path with a file name without mangling the scheme."""
+    if "://" in base:
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+@dataclass
+class DatasetMeta:
+    """What travels beside the shards: categories (COCO dicts), info, and what kind of rows."""
+
+    categories: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    kind: str = "images"  # "images" (input) or "predictions" (written by a job)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "info": self.info, "categories": self.categories}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DatasetMeta:
+        return cls(
+            categories=list(data.get("categories", [])),
+            info=dict(data.get("info", {})),
+            kind=data.get("kind", "images"),
+        )
+
+
+def list_shards(path: str) -> list[str]:
+    """Full paths of a dataset's shard files, sorted by name. Raises if there are none."""
+    fs, root = resolve(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DatasetError(f"dataset not found: {path}")
+    if info.type == pafs.FileType.File:
+        if root.endswith(".parquet"):
+            return [path]
+        raise DatasetError(f"not a dataset folder or .parquet file: {path}")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    names = sorted(
+        posixpath.basename(i.path)
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
+    if not names:
+        raise DatasetError(f"no .parquet shards in {path}")
+    return [join(path, n) for n in names]
+
+
+def read_meta(path: str) -> DatasetMeta:
+    """Read ``dataset.json``; a dataset without one has no categories (e.g. plain Parquet)."""
+    fs, root = resolve(path)
+    if root.endswith(".parquet"):
+        root = posixpath.dirname(root)
+    meta_path = posixpath.join(root, DATASET_JSON)
+    try:
+        with fs.open_input_stream(meta_path) as f:
+            return DatasetMeta.from_json(json.loads(f.read().decode("utf-8")))
+    except FileNotFoundError:
+        return DatasetMeta()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{meta_path}: not valid JSON ({exc})") from exc
+
+
+def write_meta(path: str, meta: DatasetMeta) -> None:
+    fs, root = resolve(path)
+    fs.create_dir(root, recursive=True)
+    data = json.dumps(meta.to_json(), indent=2).encode("utf-8")
+    _atomic_write_bytes(fs, posixpath.join(root, DATASET_JSON), data)
+
+
+def shard_rows(shard: str) -> int:
+    """Row count of one shard from its footer (no data read)."""
+    fs, p = resolve(shard)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def shard_schema(shard: str) -> pa.Schema:
+    fs, p = resolve(shard)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
+def read_shard(shard: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = resolve(shard)
+    return pq.read_table(p, filesystem=fs, columns=columns)
+
+
+def iter_shard(shard: str, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream a shard in tables of at most ``batch_rows`` rows, so a shard never sits in memory whole."""
+    fs, p = resolve(shard)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f)
+        names = columns if columns is not None else pf.schema_arrow.names
+        names = [c for c in names if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=names):
+            yield pa.Table.from_batches([batch])
+
+
+def write_shard(path: str, table: pa.Table) -> None:
+    """Write one shard atomically (temporary name, then rename)."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    fs.move(tmp, p)
+
+
+def _atomic_write_bytes(fs: pafs.FileSystem, p: str, data: bytes) -> None:
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, p)
+
+
+class ShardWriter:
+    """Cut a stream of image rows into shards of ``rows_per_shard`` rows: part-00000, part-00001..."""
+
+    def __init__(self, out: str, rows_per_shard: int, schema: pa.Schema):
+        if rows_per_shard < 1:
+            raise ValueError("rows_per_shard must be >= 1")
+        self.out, self.rows_per_shard, self.schema = out, rows_per_shard, schema
+        self._rows: list[dict] = []
+        self.shards_written = 0
+        self.rows_written = 0
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        write_shard(join(self.out, SHARD_PATTERN.format(self.shards_written)), table)
+        self.shards_written += 1
+        self.rows_written += len(self._rows)
+        self._rows = []

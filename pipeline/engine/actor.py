@@ -1,0 +1,61 @@
+"""The Ray Data callable class that hosts one stage: error rows pass, failures stay per row.
+
+A stage only ever sees rows that decoded fine and that earlier stages did not fail. If the stage
+raises on a batch, the batch is retried row by row so one bad image cannot take its neighbours
+down; a row that still fails gets ``error = "<stage>: <exception>"``. The output always has the
+same rows as the input, with the stage's declared columns (null for error rows).
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema
+
+
+class StageActor:
+    def __init__(self, *, stage_name: str, stage_cls: type, stage_kwargs: dict, drop_columns: tuple[str, ...] = ()):
+        self.name = stage_name
+        self.stage = stage_cls(**stage_kwargs)
+        self.writes: dict[str, pa.DataType] = dict(stage_cls.writes)
+        self.drop_columns = drop_columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok_mask = pc.is_null(batch[schema.ERROR])
+        ok, failed = batch.filter(ok_mask), batch.filter(pc.invert(ok_mask))
+        parts = [self._run(ok)] if ok.num_rows else []
+        if failed.num_rows:
+            parts.append(self._with_null_outputs(failed))
+        out = pa.concat_tables([self._shape(p, batch.schema) for p in parts])
+        return out.drop_columns([c for c in self.drop_columns if c in out.column_names])
+
+    def _run(self, rows: pa.Table) -> pa.Table:
+        try:
+            return self.stage(rows)
+        except Exception as exc:  # noqa: BLE001 - any stage failure becomes an error row, never a lost row
+            if rows.num_rows > 1:
+                return pa.concat_tables(
+                    [self._shape(self._run(rows.slice(i, 1)), rows.schema) for i in range(rows.num_rows)]
+                )
+            reason = f"{self.name}: {type(exc).__name__}: {exc}"
+            last = traceback.extract_tb(exc.__traceback__)[-1:]
+            if last:
+                reason += f" (at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})"
+            errors = pa.array([reason], pa.string())
+            rows = rows.set_column(rows.column_names.index(schema.ERROR), schema.ERROR, errors)
+            return self._with_null_outputs(rows)
+
+    def _with_null_outputs(self, rows: pa.Table) -> pa.Table:
+        for name, dtype in self.writes.items():
+            if name not in rows.column_names:
+                rows = rows.append_column(name, pa.nulls(rows.num_rows, dtype))
+        return rows
+
+    def _shape(self, table: pa.Table, input_schema: pa.Schema) -> pa.Table:
+        """Input columns in input order, then the declared outputs, each cast to its declared type."""
+        names = list(input_schema.names) + [n for n in self.writes if n not in input_schema.names]
+        types = {**{f.name: f.type for f in input_schema}, **self.writes}
+        return pa.Table.from_arrays([table[n].cast(types[n]) for n in names], names=names)

@@ -1,0 +1,120 @@
+"""One registry of the models the stages can run, and the one function that builds them.
+
+Entries are plain data (name, builder, task, the keyword names its builder uses for the score
+threshold and the detections cap). Adding a model is one :func:`register` call; a duplicate
+name raises. torchvision's detection models are registered below under their torchvision names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]  # builder(weights=, weights_backbone=, num_classes=, **kwargs)
+    task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints)
+    score_kwarg: str
+    max_dets_kwarg: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    if entry.name in MODELS:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    MODELS[entry.name] = entry
+    return entry
+
+
+def list_models(task: str | None = None) -> list[str]:
+    return sorted(n for n, e in MODELS.items() if task is None or e.task == task)
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs) -> nn.Module:
+        return torchvision.models.get_model(name, **kwargs)
+
+    return build
+
+
+def _register_torchvision() -> None:
+    for name in torchvision.models.list_models(module=torchvision.models.detection):
+        if name.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn")):
+            score, max_dets = "box_score_thresh", "box_detections_per_img"
+        else:  # retinanet, fcos, ssd, ssdlite
+            score, max_dets = "score_thresh", "detections_per_img"
+        task = "masks" if name.startswith("maskrcnn") else "keypoints" if name.startswith("keypointrcnn") else "detect"
+        register(ModelEntry(name, _torchvision_builder(name), task, score, max_dets))
+
+
+_register_torchvision()
+
+
+def build_model(
+    name: str,
+    weights: ResolvedWeights,
+    *,
+    num_classes: int | None = None,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+    extra: dict | None = None,
+) -> tuple[nn.Module, list[dict] | None]:
+    """Build model ``name`` in eval mode with ``weights``.
+
+    Returns (model, categories) where categories is ``[{"label": int, "name": str}, ...]`` when
+    the weights say what each label means (torchvision weights, project checkpoints), else None.
+    """
+    entry = get_entry(name)
+    kwargs = dict(extra or {})
+    if score_threshold is not None:
+        kwargs[entry.score_kwarg] = score_threshold
+    if max_detections is not None:
+        kwargs[entry.max_dets_kwarg] = max_detections
+    categories = None
+    if weights.kind == "torchvision":
+        model = entry.builder(weights=weights.enum, **kwargs)
+        categories = [{"label": i, "name": n} for i, n in enumerate(weights.categories() or [])] or None
+    elif weights.kind == "checkpoint":
+        ckpt = load_checkpoint(weights.path)
+        if ckpt.get("model_name") not in (None, name):
+            raise WeightsError(f"checkpoint {weights.path} is for model {ckpt['model_name']}, not {name}")
+        classes = ckpt.get("num_classes") or num_classes or 91
+        model = entry.builder(weights=None, weights_backbone=None, num_classes=classes, **{**ckpt.get("build_kwargs", {}), **kwargs})
+        check_state_dict(model, ckpt["model"], weights.path, name)
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("categories"):
+            categories = [{"label": c["label"], "name": c["name"]} for c in ckpt["categories"]]
+    else:
+        model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes or 91, **kwargs)
+    return model.eval(), categories
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    """Raise a WeightsError listing what does not fit, instead of PyTorch's wall of text."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise WeightsError(f"checkpoint {path} does not fit model {name}: " + "; ".join(parts))

@@ -1,0 +1,114 @@
+"""Every column the pipeline reads or writes, with its Arrow type, in one place.
+
+A dataset is a folder of Parquet shards (``part-00000.parquet``, ...) plus a ``dataset.json``
+carrying the category list and dataset info (see :mod:`pipeline.data.shards`). Input datasets
+and prediction datasets share the image columns, so a prediction dataset is itself a dataset:
+``pipeline data info`` reads both, and later jobs can take one as input.
+
+Conventions that matter downstream:
+
+* Ground-truth ``bbox`` is COCO **xywh** (float64, pixels), exactly as in a COCO file.
+* Predicted ``boxes`` are **xyxy** float32 in the pixels of the *decoded* image (EXIF orientation
+  applied), i.e. the same frame as ``width``/``height``.
+* Images are stored encoded (JPEG/PNG bytes as found on disk); decoded pixels exist only in flight
+  between the decode step and the stages (column ``pixels``), never in a written shard.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- image columns (every dataset) -------------------------------------------------------------
+IMAGE_ID = "image_id"
+FILE_NAME = "file_name"
+WIDTH = "width"
+HEIGHT = "height"
+IMAGE = "image"
+ANNOTATIONS = "annotations"
+ERROR = "error"  # null when the row is fine; otherwise why it could not be processed
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+"""Compressed COCO RLE: ``size`` is [height, width], ``counts`` the LEB128-like string."""
+
+SEGMENTATION_TYPE = pa.struct(
+    [
+        ("polygons", pa.list_(pa.list_(pa.float64()))),  # [[x0, y0, x1, y1, ...], ...]
+        ("rle", RLE_TYPE),
+    ]
+)
+"""Exactly one of ``polygons``/``rle`` is set when an annotation has a segmentation."""
+
+ANNOTATION_TYPE = pa.struct(
+    [
+        ("id", pa.int64()),
+        ("category_id", pa.int64()),
+        ("bbox", pa.list_(pa.float64(), 4)),  # xywh
+        ("area", pa.float64()),
+        ("iscrowd", pa.int8()),
+        ("segmentation", SEGMENTATION_TYPE),
+        ("keypoints", pa.list_(pa.float64())),  # x, y, v triples
+        ("num_keypoints", pa.int32()),
+    ]
+)
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.int64(), nullable=False),
+        pa.field(FILE_NAME, pa.string()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(IMAGE, pa.binary()),
+        pa.field(ANNOTATIONS, pa.list_(ANNOTATION_TYPE)),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+
+# --- in-flight columns (between decode and stages; never written) -----------------------------
+PIXELS = "pixels"  # raw RGB uint8 bytes, row-major HxWx3, shape from HEIGHT/WIDTH
+IN_FLIGHT_COLUMNS = (IMAGE, PIXELS, ANNOTATIONS)
+
+# --- prediction columns (written by stages) ----------------------------------------------------
+BOXES = "boxes"
+SCORES = "scores"
+LABELS = "labels"
+CATEGORY_IDS = "category_ids"
+
+MASKS = "masks"  # instance masks, one compressed COCO RLE per box, at the decoded image size
+KEYPOINTS = "keypoints"  # per box: [x1, y1, v1, x2, y2, v2, ...] (COCO order), float32
+
+BOXES_TYPE = pa.list_(pa.list_(pa.float32(), 4))  # per row: N boxes, xyxy
+MASKS_TYPE = pa.list_(RLE_TYPE)
+KEYPOINTS_TYPE = pa.list_(pa.list_(pa.float32()))
+SCORES_TYPE = pa.list_(pa.float32())
+IDS_TYPE = pa.list_(pa.int64())
+
+PREDICTION_BASE_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.int64(), nullable=False),
+        pa.field(FILE_NAME, pa.string()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+"""Columns every prediction shard has; stages append the columns they declare."""
+
+
+def image_table(rows: list[dict]) -> pa.Table:
+    """Build an image-schema table from python dicts (missing optional keys become null)."""
+    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder/cast ``table`` to ``schema``, adding absent nullable columns as nulls.
+
+    Shards written by older versions or by other tools may lack optional columns (``error``,
+    ``annotations``); conforming at read time keeps every consumer on one schema.
+    """
+    arrays = []
+    for field in schema:
+        if field.name in table.column_names:
+            arrays.append(table[field.name].cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
