@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.load import ConfigError, apply_override, dump, load_job
+from pipeline.stages.detect import DetectSpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str, name="job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASIC = """
+name: t
+input: in
+output: out
+stages:
+  - name: detect
+    num_classes: 4
+"""
+
+
+def test_stage_type_defaults_to_its_name(tmp_path):
+    job = load_job(write(tmp_path, BASIC))
+    assert isinstance(job.stages[0], DetectSpec) and job.stages[0].type == "detect"
+
+
+def test_overrides_by_index_by_name_and_nested(tmp_path):
+    job = load_job(
+        write(tmp_path, BASIC),
+        overrides=["stages.0.batch_size=8", "stages.detect.score_threshold=0.3", "decode.max_pixels=1000", "stages.detect.model_kwargs.min_size=200"],
+    )
+    stage = job.stages[0]
+    assert stage.batch_size == 8 and stage.score_threshold == 0.3 and stage.model_kwargs == {"min_size": 200}
+    assert job.decode.max_pixels == 1000
+
+
+def test_input_output_flags_win(tmp_path):
+    job = load_job(write(tmp_path, BASIC), input="elsewhere", output="o2")
+    assert (job.input, job.output) == ("elsewhere", "o2")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.detect.scor_threshold=0.3", "stages.0 (detect).scor_threshold: unknown key"),
+        ("stages.0.batch_size=many", "stages.0 (detect).batch_size: Input should be a valid integer"),
+        ("stages.0.num_gpus=-1", "stages.0 (detect).num_gpus: Input should be greater than or equal to 0"),
+        ("decode.max_pixel=5", "decode.max_pixel: unknown key"),
+        ("stages.0.model=nonexistent_net", "stages.0 (detect).model: Value error, unknown model 'nonexistent_net'"),
+        ("stages.0.type=nope", "stages.0.type: unknown stage type 'nope'"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, override, message):
+    path = write(tmp_path, BASIC)
+    with pytest.raises(ConfigError) as info:
+        load_job(path, overrides=[override])
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "name: t\ninput: in\nstages: [{name: detect}]\n")
+    with pytest.raises(ConfigError, match="output: Field required"):
+        load_job(path)
+
+
+def test_override_unknown_stage_name(tmp_path):
+    with pytest.raises(ConfigError, match="no stage named 'segment'"):
+        load_job(write(tmp_path, BASIC), overrides=["stages.segment.batch_size=2"])
+
+
+def test_override_needs_equals():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "stages.0.batch_size")
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    write(tmp_path, "decode: {max_pixels: 500, batch_size: 3}\nstages: [{name: detect, batch_size: 99}]\n", "base.yaml")
+    job = load_job(write(tmp_path, "extends: base.yaml\n" + BASIC + "decode: {batch_size: 5}\n"))
+    assert (job.decode.max_pixels, job.decode.batch_size) == (500, 5)
+    assert job.stages[0].batch_size == 4  # the job's stage list replaced the base's
+
+
+def test_duplicate_stage_names(tmp_path):
+    path = write(tmp_path, BASIC + "  - name: detect\n")
+    with pytest.raises(ConfigError, match="duplicate stage name 'detect'"):
+        load_job(path)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(ConfigError, match="cannot read job file"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_dump_includes_stage_parameters(tmp_path):
+    data = dump(load_job(write(tmp_path, BASIC)))
+    assert data["stages"][0]["score_threshold"] == 0.05 and data["stages"][0]["model"]
+
+
+@pytest.mark.parametrize("job_file", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(job_file):
+    job = load_job(job_file)
+    assert job.stages
