@@ -69,7 +69,12 @@ class DatasetMeta:
 
 
 def list_shards(path: str) -> list[str]:
-    """Full paths of a dataset's shard files, sorted by name. Raises if there are none."""
+    """Full paths of a dataset's shard files, sorted by name. Raises if there are none.
+
+    Local paths come back absolute: Ray workers may run in another working directory.
+    """
+    if "://" not in path:
+        path = os.path.abspath(path)
     fs, root = resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:

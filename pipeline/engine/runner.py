@@ -17,7 +17,7 @@ Only prediction columns travel to the driver (no pixels, no image bytes).
 from __future__ import annotations
 
 import datetime as dt
-import logging
+import os
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -43,7 +43,6 @@ from pipeline.data.shards import (
 )
 from pipeline.engine.actor import StageActor
 
-log = logging.getLogger(__name__)
 
 SHARD = "_shard"  # in-flight: index of the input shard a row came from
 ROW = "_row"  # in-flight: row index within that shard (the dedup key)
@@ -256,14 +255,21 @@ def _ensure_ray(job: JobSpec) -> bool:
     """Join ``ray.address`` or start embedded local Ray; returns True if we started it."""
     import ray
     from ray.data import DataContext
+    from ray.util.debug import log_once
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images, not blocks
     ctx.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # mark Ray's "progress bars disabled" notice as shown
     if ray.is_initialized():
         return False
     if job.ray.address:
-        ray.init(address=job.ray.address, log_to_driver=True)
+        # Ship this package's code with the job so cluster workers run the same version as the
+        # driver (their Python environment must still have the dependencies installed).
+        import pipeline
+
+        runtime_env = {"py_modules": [os.path.dirname(pipeline.__file__)]}
+        ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return True
