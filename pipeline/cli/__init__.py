@@ -6,6 +6,7 @@ import click
 
 from pipeline import __version__
 from pipeline.cli.data import data
+from pipeline.cli.eval import eval_cmd, export_coco_cmd
 from pipeline.cli.run import run
 
 
@@ -17,3 +18,5 @@ def main() -> None:
 
 main.add_command(data)
 main.add_command(run)
+main.add_command(eval_cmd)
+data.add_command(export_coco_cmd)

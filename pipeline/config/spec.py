@@ -8,7 +8,7 @@ Resources are only *declared* here; :mod:`pipeline.engine.runner` applies them t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -64,4 +64,9 @@ class JobSpec(Strict):
     read_num_cpus: float = Field(0.25, gt=0, description="CPUs per shard-reading task")
     decode: DecodeSpec = Field(default_factory=DecodeSpec)
     stages: list[StageSpec] = Field(min_length=1)
+    metrics: Literal["auto"] | list[Literal["bbox", "segm", "keypoints"]] = Field(
+        "auto",
+        description="COCO metrics computed at the end when the input has ground truth "
+        "(auto: bbox/segm/keypoints for whatever the stages write; [] for none)",
+    )
     ray: RaySpec = Field(default_factory=RaySpec)

@@ -140,7 +140,8 @@ def import_coco(images_dir: str, annotations_file: str, out: str, *, rows_per_sh
         )
     writer.flush()
     categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
-    info = dict(coco.get("info") or {})
+    raw_info = coco.get("info") or {}
+    info = dict(raw_info) if isinstance(raw_info, dict) else {"description": str(raw_info)}  # some files use a string
     info["source"] = os.path.abspath(annotations_file)
     write_meta(out, DatasetMeta(categories=categories, info=info))
     n_ann = sum(len(v) for v in by_image.values())

@@ -29,6 +29,7 @@ from pipeline import schema
 from pipeline.config.load import ConfigError, dump
 from pipeline.config.spec import JobSpec
 from pipeline.data.decode import decode_batch
+from pipeline.data.info import dataset_info
 from pipeline.data.shards import (
     DatasetError,
     DatasetMeta,
@@ -190,27 +191,43 @@ def run_job(job: JobSpec, *, source: str = "<spec>", overwrite: bool = False, pr
     plan = preflight(job, source, overwrite=overwrite)
     if overwrite:
         _remove_outputs(job.output)
-    started_ray = _ensure_ray(job)
     started = time.time()
-    rows_in = sum(plan.rows_per_shard)
-    collector = ShardCollector(plan)
-    bar = _progress(rows_in, job.name, progress)
+    started_ray = _ensure_ray(job)
     try:
-        ds = build_plan(plan)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            bar.update(collector.add(batch))
-            bar.set_postfix(errors=collector.error_rows, shards=f"{len(collector.done)}/{len(plan.shards)}")
+        summary = execute(plan, progress=progress)
+        write_meta(
+            job.output,
+            DatasetMeta(
+                categories=plan.meta.categories,
+                info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
+                kind="predictions",
+            ),
+        )
+        summary.update(evaluate_output(job))
     finally:
-        bar.close()
         if started_ray:
             import ray
 
             ray.shutdown()
+    _write_job_json(job, summary, started)
+    return summary
+
+
+def execute(plan: Plan, *, progress: bool = True) -> dict:
+    """Stream the plan through Ray and write every output shard; returns the run's counts."""
+    job = plan.job
+    rows_in = sum(plan.rows_per_shard)
+    collector = ShardCollector(plan)
+    started = time.time()
+    with _progress(rows_in, job.name, progress) as bar:
+        for batch in build_plan(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            bar.update(collector.add(batch))
+            bar.set_postfix(errors=collector.error_rows, shards=f"{len(collector.done)}/{len(plan.shards)}")
     wall = time.time() - started
     missing = [i for i in range(len(plan.shards)) if i not in collector.done]
     if missing:
         raise JobError(f"{len(missing)} shard(s) did not complete: {', '.join(plan.shards[i] for i in missing[:5])}")
-    summary = {
+    return {
         "job": job.name,
         "rows_in": rows_in,
         "rows_out": collector.rows_out,
@@ -219,16 +236,30 @@ def run_job(job: JobSpec, *, source: str = "<spec>", overwrite: bool = False, pr
         "images_per_s": round(collector.rows_out / wall, 3) if wall > 0 else None,
         "wall_s": round(wall, 3),
     }
-    write_meta(
-        job.output,
-        DatasetMeta(
-            categories=plan.meta.categories,
-            info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
-            kind="predictions",
-        ),
-    )
-    _write_job_json(job, summary, started)
-    return summary
+
+
+def evaluate_output(job: JobSpec) -> dict:
+    """COCO metrics of the output against the input's ground truth, if it has any.
+
+    Writes ``metrics.json`` and PR-curve PNGs into the output folder (format of ``pipeline eval``)
+    and returns ``{"bbox_AP": ..., ...}`` for the summary.
+    """
+    iou_types = metric_types(job)
+    if not iou_types or dataset_info(job.input)["annotations"] == 0:
+        return {}
+    from pipeline.eval import evaluate
+
+    metrics = evaluate([job.output], job.input, iou_types, out_dir=job.output)
+    return {f"{t}_AP": round(metrics[t]["AP"], 4) for t in iou_types}
+
+
+def metric_types(job: JobSpec) -> list[str]:
+    """IoU types to evaluate: the spec's list, or (auto) those matching what the stages write."""
+    if job.metrics != "auto":
+        return list(job.metrics)
+    written = {column for stage in job.stages for column in stage.stage_class().writes}
+    by_column = {schema.BOXES: "bbox", schema.MASKS: "segm", schema.KEYPOINTS: "keypoints"}
+    return [iou for column, iou in by_column.items() if column in written]
 
 
 def _write_job_json(job: JobSpec, summary: dict, started: float) -> None:
@@ -271,7 +302,8 @@ def _ensure_ray(job: JobSpec) -> bool:
         runtime_env = {"py_modules": [os.path.dirname(pipeline.__file__)]}
         ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a new embedded instance, never a cluster someone started here.
+        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 

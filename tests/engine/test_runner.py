@@ -54,6 +54,10 @@ def test_cli_run_detect_job_on_synthetic_shards(ray_local, synth_ds, tmp_path):
     summary = record["summary"]
     assert (summary["rows_in"], summary["rows_out"], summary["error_rows"], summary["shards"]) == (24, 24, 0, 3)
     assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    # The input has ground truth, so the job was evaluated at its end (a random model: AP near 0).
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert summary["bbox_AP"] == round(metrics["bbox"]["AP"], 4) and 0 <= metrics["bbox"]["AP"] < 0.2
+    assert (tmp_path / "pred" / "pr_bbox.png").exists()
     assert record["spec"]["stages"][0]["pool_size"] == 2 and record["spec"]["input"] == synth_ds
     meta = read_meta(out)
     assert meta.kind == "predictions" and [c["name"] for c in meta.categories] == ["circle", "rectangle", "triangle"]
@@ -81,6 +85,7 @@ def test_bad_images_lose_nothing(ray_local, tmp_path):
         else:
             assert row["error"] and row["boxes"] is None, name
     assert summary["error_rows"] == sum(e == "error" for _, e in expected.values())
+    assert "bbox_AP" not in summary  # no ground truth, no evaluation
     by_name = {expected[r["image_id"]][0]: r for r in rows}
     assert "decode.max_pixels" in by_name["huge.png"]["error"]
     assert (by_name["rotated.jpg"]["width"], by_name["rotated.jpg"]["height"]) == (60, 80)

@@ -1,0 +1,29 @@
+"""COCO evaluation that is exact, distributed and mergeable.
+
+Exact: every number equals single-process ``pycocotools.cocoeval.COCOeval`` on the same data
+(bbox, segm with RLE or polygons, keypoints; crowd regions, area ranges, maxDets, images without
+GT or without detections, categories without GT).
+
+Distributed and mergeable: per-image matching runs as Ray tasks, one per prediction shard; only
+small per-image match records (:mod:`pipeline.eval.records`) travel back and are persisted beside
+the predictions (``PRED/eval/<iou_type>/part-XXXXX.npz``), so several runs' outputs -- or a
+resumed run -- merge without recomputing finished shards.
+
+Modules, in data-flow order: :mod:`~pipeline.eval.groundtruth` and
+:mod:`~pipeline.eval.detections` (inputs, validation) -> :mod:`~pipeline.eval.matching`
+(per-image ``evaluateImg``) -> :mod:`~pipeline.eval.records` -> :mod:`~pipeline.eval.evaluator`
+(reset/process/evaluate) -> :mod:`~pipeline.eval.accumulate` -> :mod:`~pipeline.eval.report`;
+:mod:`~pipeline.eval.driver` runs it all, :mod:`~pipeline.eval.export` writes COCO JSON.
+
+Example::
+
+    from pipeline.eval import evaluate
+    metrics = evaluate(["runs/detect"], "data/val", ["bbox", "segm"], out_dir="runs/detect/metrics")
+"""
+
+from pipeline.eval.driver import evaluate
+from pipeline.eval.evaluator import COCOEvaluator
+from pipeline.eval.export import export_coco
+from pipeline.eval.params import IOU_TYPES, EvalInputError
+
+__all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "export_coco"]

@@ -1,0 +1,329 @@
+"""Per-image matching of detections to ground truth: pycocotools' ``evaluateImg``, for many images.
+
+:func:`match_images` turns the ground truth and detections of a set of images into
+:class:`~pipeline.eval.records.MatchRecords`. It runs inside a Ray task, one per prediction
+shard. Two methods give identical records (the tests hold them to it):
+
+``"pycocotools"``
+    calls ``COCOeval.computeIoU`` / ``computeOks`` / ``evaluateImg`` themselves, per (image,
+    category, area range), on a stand-in object that holds only this shard's data. Exact by
+    construction, but ``evaluateImg``'s threshold x detection x GT Python loop is slow.
+``"vectorized"`` (default)
+    the same greedy assignment, run in lock step over many (image, category) groups at once with
+    numpy. IoUs still come from pycocotools (``mask.iou`` / ``computeOks``) so they are the same
+    floats. For one detection ``d`` at threshold ``t``, ``evaluateImg`` scans the GT (non-ignored
+    first, each block in source order) and keeps the *last* GT whose IoU is >= the best so far
+    (starting at ``min(t, 1 - 1e-10)``), skipping non-crowd GT already taken, and stops at the
+    ignored block once it holds a non-ignored match. Equivalently: among available GT with IoU
+    >= t, take the last maximum of the non-ignored ones if there is any, else the last maximum of
+    the ignored ones. A match to a GT whose id is 0 counts as unmatched for ``accumulate`` (it
+    stores the GT id as the match), as in pycocotools.
+
+Boxes are COCO **xywh** here (``GroundTruth.ann_bbox``, ``Detections.bbox``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+from pipeline.eval.detections import NUM_KEYPOINTS, Detections
+from pipeline.eval.groundtruth import GroundTruth
+from pipeline.eval.params import EvalInputError, coco_params
+from pipeline.eval.records import MatchRecords
+
+METHODS = ("vectorized", "pycocotools")
+CHUNK_ELEMENTS = 1 << 20  # groups x max detections x max GT per lock-step chunk
+
+
+def match_images(
+    gt: GroundTruth, dets: Detections, *, image_ids, iou_type: str, method: str = "vectorized"
+) -> MatchRecords:
+    """Match ``dets`` to ``gt`` on ``image_ids`` (GT images) for ``iou_type``; see the module doc."""
+    if method not in METHODS:
+        raise ValueError(f"unknown matching method {method!r}; choose from {', '.join(METHODS)}")
+    p = coco_params(iou_type)
+    image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
+    groups = _Groups(gt, dets, image_ids, p)
+    if method == "pycocotools":
+        det_rows = _match_reference(groups, p)
+    else:
+        det_rows = _match_vectorized(groups, p)
+    return MatchRecords(image_ids=image_ids, **det_rows, **groups.gt_rows())
+
+
+class _Groups:
+    """GT and detections of the evaluated images cut into (image, category) groups.
+
+    Detections are sorted by (image, category, -score, source order) -- the order ``evaluateImg``
+    sees after its stable sort -- and cut to ``maxDets[-1]`` per group; GT keeps source order.
+    """
+
+    def __init__(self, gt: GroundTruth, dets: Detections, image_ids: np.ndarray, p):
+        self.gt, self.p, self.iou_type = gt, p, p.iouType
+        self.cat_ids = gt.category_ids
+        self.image_ids = image_ids
+        K = max(len(self.cat_ids), 1)
+        area = np.asarray(p.areaRng, dtype=np.float64)
+
+        # ground truth of these images and known categories
+        g = np.flatnonzero(np.isin(gt.ann_image, image_ids) & np.isin(gt.ann_category, self.cat_ids))
+        gkey = np.searchsorted(image_ids, gt.ann_image[g]) * K + np.searchsorted(self.cat_ids, gt.ann_category[g])
+        order = np.lexsort((np.arange(len(g)), gkey))
+        self.g_idx, self.g_key = g[order], gkey[order]
+        ignore = gt.ann_iscrowd[self.g_idx] != 0
+        if self.iou_type == "keypoints":
+            ignore |= gt.ann_num_keypoints[self.g_idx] == 0
+        ga = gt.ann_area[self.g_idx][:, None]
+        self.g_out = ignore[:, None] | (ga < area[:, 0]) | (ga > area[:, 1])  # (G, A): _ignore per area
+        self.g_height, self.g_width = gt.image_size(gt.ann_image[self.g_idx])
+
+        # detections of these images and known categories, in evaluateImg's order
+        d = np.flatnonzero(np.isin(dets.image_id, image_ids) & np.isin(dets.category_id, self.cat_ids))
+        dkey = np.searchsorted(image_ids, dets.image_id[d]) * K + np.searchsorted(self.cat_ids, dets.category_id[d])
+        order = np.lexsort((np.arange(len(d)), -dets.score[d], dkey))
+        d, dkey = d[order], dkey[order]
+        starts = np.concatenate([[0], np.flatnonzero(dkey[1:] != dkey[:-1]) + 1]) if len(d) else np.zeros(0, np.int64)
+        rank = np.arange(len(d)) - np.repeat(starts, np.diff(np.append(starts, len(d))))
+        keep = rank < p.maxDets[-1]
+        self.d_idx, self.d_key, self.d_rank = d[keep], dkey[keep], rank[keep].astype(np.int32)
+        da = dets.area[self.d_idx][:, None]
+        self.d_out = (da < area[:, 0]) | (da > area[:, 1])  # (D, A)
+        self.dets = dets
+        self.K = K
+
+        # group boundaries
+        self.d_keys, self.d_start, self.d_len = _runs(self.d_key)
+        self.g_keys, self.g_start, self.g_len = _runs(self.g_key)
+
+    def image_of(self, key: np.ndarray) -> np.ndarray:
+        return self.image_ids[key // self.K]
+
+    def category_of(self, key: np.ndarray) -> np.ndarray:
+        return self.cat_ids[key % self.K]
+
+    def gt_rows(self) -> dict:
+        counts = np.add.reduceat((~self.g_out).astype(np.int32), self.g_start, axis=0) if len(self.g_key) else None
+        return {
+            "gt_image": self.image_of(self.g_keys),
+            "gt_category": self.category_of(self.g_keys),
+            "gt_count": counts if counts is not None else np.zeros((0, self.g_out.shape[1]), np.int32),
+        }
+
+    def paired(self) -> list[tuple[int, int, int, int, int]]:
+        """(group key, det start, det count, gt start, gt count) for groups with both."""
+        both, di, gi = np.intersect1d(self.d_keys, self.g_keys, assume_unique=True, return_indices=True)
+        return list(zip(both.tolist(), self.d_start[di].tolist(), self.d_len[di].tolist(),
+                        self.g_start[gi].tolist(), self.g_len[gi].tolist()))
+
+    # --- pycocotools-shaped views of one group --------------------------------------------------
+
+    def gt_dicts(self, start: int, count: int) -> list[dict]:
+        gt, out = self.gt, []
+        for j in range(start, start + count):
+            i = self.g_idx[j]
+            ann = {
+                "id": int(gt.ann_id[i]),
+                "area": float(gt.ann_area[i]),
+                "iscrowd": int(gt.ann_iscrowd[i]),
+                "ignore": bool(gt.ann_iscrowd[i] != 0) or (self.iou_type == "keypoints" and gt.ann_num_keypoints[i] == 0),
+                "num_keypoints": int(gt.ann_num_keypoints[i]),
+            }
+            if self.iou_type in ("bbox", "keypoints"):
+                ann["bbox"] = self._gt_bbox(i)
+            if self.iou_type == "segm":
+                ann["segmentation"] = self._gt_rle(j)
+            if self.iou_type == "keypoints":
+                ann["keypoints"] = self._gt_keypoints(i)
+            out.append(ann)
+        return out
+
+    def dt_dicts(self, start: int, count: int) -> list[dict]:
+        dets, out = self.dets, []
+        for j in range(start, start + count):
+            i = self.d_idx[j]
+            det = {"id": j - start + 1, "score": float(dets.score[i]), "area": float(dets.area[i])}
+            if self.iou_type == "bbox":
+                det["bbox"] = dets.bbox[i].tolist()
+            elif self.iou_type == "segm":
+                det["segmentation"] = dets.segm[i]
+            else:
+                det["keypoints"] = dets.keypoints[i]
+            out.append(det)
+        return out
+
+    def ious(self, key: int, ds: int, dn: int, gs: int, gn: int) -> np.ndarray:
+        """IoU / OKS matrix (dn x gn) with pycocotools' own functions."""
+        crowd = [int(c) for c in self.gt.ann_iscrowd[self.g_idx[gs : gs + gn]]]
+        if self.iou_type == "bbox":
+            d = np.ascontiguousarray(self.dets.bbox[self.d_idx[ds : ds + dn]])
+            g = np.ascontiguousarray([self._gt_bbox(i) for i in self.g_idx[gs : gs + gn]], dtype=np.float64)
+            return np.asarray(mask_utils.iou(d, g, crowd)).reshape(dn, gn)
+        if self.iou_type == "segm":
+            d = [self.dets.segm[i] for i in self.d_idx[ds : ds + dn]]
+            g = [self._gt_rle(j) for j in range(gs, gs + gn)]
+            return np.asarray(mask_utils.iou(d, g, crowd)).reshape(dn, gn)
+        shim = SimpleNamespace(
+            params=self.p, _gts={(key, 0): self.gt_dicts(gs, gn)}, _dts={(key, 0): self.dt_dicts(ds, dn)}
+        )
+        return np.asarray(COCOeval.computeOks(shim, key, 0)).reshape(dn, gn)
+
+    def _where(self, i: int) -> str:
+        return f"{self.gt.source}: annotation id {int(self.gt.ann_id[i])} (image_id {int(self.gt.ann_image[i])})"
+
+    def _gt_bbox(self, i: int) -> list[float]:
+        box = self.gt.ann_bbox[i]
+        if np.isnan(box).any():
+            raise EvalInputError(f"{self._where(i)}: no bbox, which {self.iou_type} evaluation needs")
+        return box.tolist()
+
+    def _gt_keypoints(self, i: int) -> list[float]:
+        if self.gt.ann_keypoints is None:
+            raise ValueError("ground truth was loaded without keypoints (load_ground_truth(keypoints=True))")
+        kps = self.gt.ann_keypoints[i]
+        if kps is None:
+            kps = [0.0] * (3 * NUM_KEYPOINTS)  # no keypoints: num_keypoints == 0, so it is ignored
+        if len(kps) != 3 * NUM_KEYPOINTS:
+            raise EvalInputError(f"{self._where(i)}: {len(kps)} keypoint values, expected {3 * NUM_KEYPOINTS}")
+        return kps
+
+    def _gt_rle(self, j: int) -> dict:
+        """``COCO.annToRLE`` of the ``j``-th GT in group order: polygons merged into one RLE."""
+        i = self.g_idx[j]
+        if self.gt.ann_segm is None:
+            raise ValueError("ground truth was loaded without segmentations (load_ground_truth(segm=True))")
+        seg = self.gt.ann_segm[i]
+        if seg is None:
+            raise EvalInputError(f"{self._where(i)}: no segmentation, which segm evaluation needs")
+        if isinstance(seg, list) or isinstance(seg.get("counts"), list):
+            h, w = self.g_height[j], self.g_width[j]
+            if h < 0 or w < 0:
+                raise EvalInputError(f"{self._where(i)}: the image has no width/height to rasterise its polygon")
+            rle = mask_utils.frPyObjects(seg, int(h), int(w))
+            return mask_utils.merge(rle) if isinstance(seg, list) else rle
+        return seg
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted keys -> (distinct keys, start of each run, length of each run)."""
+    if len(keys) == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
+    return keys[starts], starts, np.diff(np.append(starts, len(keys)))
+
+
+def _det_rows(groups: _Groups, matched: np.ndarray, ignored: np.ndarray) -> dict:
+    """Per-detection outputs (matched/ignored bit masks per area) -> record columns."""
+    return {
+        "det_image": groups.image_of(groups.d_key),
+        "det_category": groups.category_of(groups.d_key),
+        "det_rank": groups.d_rank,
+        "det_score": groups.dets.score[groups.d_idx].astype(np.float64),
+        "det_matched": matched,
+        "det_ignored": ignored,
+    }
+
+
+def _match_vectorized(groups: _Groups, p) -> dict:
+    T, A = len(p.iouThrs), len(p.areaRng)
+    all_bits = np.uint16((1 << T) - 1)
+    n_det = len(groups.d_idx)
+    matched = np.zeros((n_det, A), np.uint16)
+    from_gt_ignore = np.zeros((n_det, A), np.uint16)
+    thr = np.minimum(np.asarray(p.iouThrs, dtype=np.float64), 1 - 1e-10)
+    pairs = groups.paired()
+    # bucket by GT count (padded to a power of two), longest detection lists first
+    gpad = [1 << max(int(gn) - 1, 0).bit_length() for _, _, _, _, gn in pairs]
+    order = sorted(range(len(pairs)), key=lambda j: (gpad[j], -pairs[j][2]))
+    j = 0
+    while j < len(order):
+        gp, dmax = gpad[order[j]], pairs[order[j]][2]
+        chunk = []
+        while j < len(order) and gpad[order[j]] == gp and (len(chunk) + 1) * dmax * gp <= max(CHUNK_ELEMENTS, dmax * gp):
+            chunk.append(pairs[order[j]])
+            j += 1
+        m_bits, i_bits = _lockstep(groups, chunk, gp, dmax, thr)
+        rows = np.concatenate([np.arange(ds, ds + dn) for _, ds, dn, _, _ in chunk])
+        which = np.repeat(np.arange(len(chunk)), [dn for _, _, dn, _, _ in chunk])
+        rank = rows - np.repeat([ds for _, ds, _, _, _ in chunk], [dn for _, _, dn, _, _ in chunk])
+        matched[rows] = m_bits[which, :, rank]
+        from_gt_ignore[rows] = i_bits[which, :, rank]
+    out_of_area = np.where(groups.d_out, all_bits, np.uint16(0))
+    ignored = from_gt_ignore | (~matched & all_bits & out_of_area)
+    return _det_rows(groups, matched, ignored)
+
+
+def _lockstep(groups: _Groups, chunk: list, gp: int, dmax: int, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy matching of ``chunk`` groups in lock step over detection rank.
+
+    Returns bit masks (groups, A, dmax): matched (to a GT with non-zero id) and ignored-because-
+    matched-to-an-ignored-GT, bit t for IoU threshold t.
+    """
+    n, T, A = len(chunk), len(thr), groups.g_out.shape[1]
+    iou = np.full((n, dmax, gp), -np.inf)
+    gt_ig = np.zeros((n, A, gp), bool)
+    valid = np.zeros((n, gp), bool)
+    crowd = np.zeros((n, gp), bool)
+    nonzero_id = np.zeros((n, gp), bool)
+    d_len = np.zeros(n, np.int64)
+    for c, (key, ds, dn, gs, gn) in enumerate(chunk):
+        iou[c, :dn, :gn] = groups.ious(key, ds, dn, gs, gn)
+        gi = groups.g_idx[gs : gs + gn]
+        gt_ig[c, :, :gn] = groups.g_out[gs : gs + gn].T
+        valid[c, :gn] = True
+        crowd[c, :gn] = groups.gt.ann_iscrowd[gi] != 0
+        nonzero_id[c, :gn] = groups.gt.ann_id[gi] != 0
+        d_len[c] = dn
+    taken = np.zeros((n, A, T, gp), bool)
+    m_out = np.zeros((n, A, T, dmax), bool)
+    i_out = np.zeros((n, A, T, dmax), bool)
+    ig4 = gt_ig[:, :, None, :]
+    for d in range(dmax):
+        na = int(np.count_nonzero(d_len > d))  # groups are sorted by detection count, descending
+        v = iou[:na, d, None, None, :]  # (na, 1, 1, gp)
+        cand = (v >= thr[None, None, :, None]) & valid[:na, None, None, :]
+        cand = cand & (~taken[:na] | crowd[:na, None, None, :])  # (na, A, T, gp)
+        regular = cand & ~ig4[:na]
+        use = np.where(regular.any(-1, keepdims=True), regular, cand & ig4[:na])
+        vals = np.where(use, v, -np.inf)
+        hit = use & (vals == vals.max(-1, keepdims=True))
+        has = hit.any(-1)  # (na, A, T)
+        last = gp - 1 - hit[..., ::-1].argmax(-1)  # last GT achieving the maximum
+        c, a, t = np.nonzero(has)
+        g = last[c, a, t]
+        taken[c, a, t, g] = True
+        m_out[c, a, t, d] = nonzero_id[c, g]
+        i_out[c, a, t, d] = gt_ig[c, a, g]
+    weights = (1 << np.arange(T, dtype=np.uint16))[None, None, :, None]
+    return (m_out * weights).sum(2, dtype=np.uint16), (i_out * weights).sum(2, dtype=np.uint16)
+
+
+def _match_reference(groups: _Groups, p) -> dict:
+    """``COCOeval.evaluateImg`` itself, per (image, category, area range)."""
+    T, A = len(p.iouThrs), len(p.areaRng)
+    n_det = len(groups.d_idx)
+    matched = np.zeros((n_det, A), np.uint16)
+    ignored = np.zeros((n_det, A), np.uint16)
+    weights = 1 << np.arange(T)
+    shim = SimpleNamespace(params=p, _gts={}, _dts={}, ious={})
+    g_at = dict(zip(groups.g_keys.tolist(), zip(groups.g_start.tolist(), groups.g_len.tolist())))
+    for key, ds, dn in zip(groups.d_keys.tolist(), groups.d_start.tolist(), groups.d_len.tolist()):
+        gs, gn = g_at.get(key, (0, 0))
+        # evaluateImg re-sorts by score (stably) and cuts to maxDet: hand it the kept ones in order
+        shim._dts[key, 0] = groups.dt_dicts(ds, dn)
+        shim._gts[key, 0] = groups.gt_dicts(gs, gn)
+        if p.iouType == "keypoints":
+            shim.ious[key, 0] = COCOeval.computeOks(shim, key, 0)
+        else:
+            shim.ious[key, 0] = COCOeval.computeIoU(shim, key, 0)
+        for a, area_range in enumerate(p.areaRng):
+            e = COCOeval.evaluateImg(shim, key, 0, area_range, p.maxDets[-1])
+            rows = ds + np.arange(len(e["dtScores"]))
+            matched[rows, a] = ((np.asarray(e["dtMatches"]) != 0) * weights[:, None]).sum(0)
+            ignored[rows, a] = (np.asarray(e["dtIgnore"]).astype(bool) * weights[:, None]).sum(0)
+        del shim._dts[key, 0], shim._gts[key, 0], shim.ious[key, 0]
+    return _det_rows(groups, matched, ignored)

@@ -1,0 +1,70 @@
+"""``pipeline eval`` and ``pipeline data export-coco`` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import click
+from click.testing import CliRunner
+
+from pipeline.cli.eval import eval_cmd, export_coco_cmd
+
+
+def _data_group() -> click.Group:
+    @click.group()
+    def data() -> None:
+        """Stand-in for the real ``data`` group."""
+
+    data.add_command(export_coco_cmd)
+    return data
+
+
+def test_eval_prints_tables_and_writes_files(synthetic, tmp_path):
+    pred = tmp_path / "pred"
+    shutil.copytree(synthetic["pred"], pred)
+    out = tmp_path / "metrics"
+    result = CliRunner().invoke(
+        eval_cmd, [str(pred), "--gt", synthetic["gt"], "--iou-type", "bbox", "--iou-type", "keypoints", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    for text in ("AP50", "ARl", "AR75", "category", "class1", "skipped: ", "category -1", "metrics.json"):
+        assert text in result.output, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "keypoints"}
+    assert (out / "pr_bbox.png").exists() and (out / "pr_keypoints.png").exists()
+
+
+def test_eval_json_output_and_default_iou_type(synthetic, tmp_path):
+    pred = tmp_path / "pred"
+    shutil.copytree(synthetic["pred"], pred)
+    result = CliRunner().invoke(eval_cmd, [str(pred), "--gt", str(synthetic["gt_json"]), "--json", "--no-state"])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.output)) == ["bbox"]
+    assert not (pred / "eval").exists()
+
+
+def test_eval_bad_input_is_one_line_not_a_traceback(synthetic, tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps([{"image_id": 5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}]))
+    result = CliRunner().invoke(eval_cmd, [str(results), "--gt", synthetic["gt"]])
+    assert result.exit_code == 1
+    assert "record 0" in result.output and "image_id 5" in result.output and "Traceback" not in result.output
+
+
+def test_eval_help_documents_every_option():
+    result = CliRunner().invoke(eval_cmd, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--gt", "--iou-type", "--out", "--no-state", "--method", "--ray", "--json"):
+        assert option in result.output
+
+
+def test_export_coco_command(synthetic, tmp_path):
+    group = _data_group()
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipped: " in result.output and isinstance(json.loads(out.read_text()), list)
+    result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "ds.json").read_text())) >= {"images", "categories", "annotations"}
