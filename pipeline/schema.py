@@ -112,3 +112,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             arrays.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# --- region proposals (written by the proposals stage, read by detect/masks in Fast R-CNN mode) -----
+PROPOSALS = "proposals"  # per row: N class-agnostic boxes, xyxy float32 (BOXES_TYPE), best first
+PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORES_TYPE)

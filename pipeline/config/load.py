@@ -139,6 +139,10 @@ def validate(data: dict, source: str) -> JobSpec:
                 problems.append(f"{where}.name: duplicate stage name {spec.name!r}")
             seen.add(spec.name)
             stages.append(spec)
+        if not problems:  # what each stage reads must be written by an earlier one, without collisions
+            from pipeline.stages.chain import check_columns
+
+            problems.extend(check_columns(stages))
         data["stages"] = stages if not problems else []
     try:
         job = JobSpec.model_validate(data)

@@ -20,7 +20,8 @@ class StageActor:
     def __init__(self, *, stage_name: str, stage_cls: type, stage_kwargs: dict, drop_columns: tuple[str, ...] = ()):
         self.name = stage_name
         self.stage = stage_cls(**stage_kwargs)
-        self.writes: dict[str, pa.DataType] = dict(stage_cls.writes)
+        # A stage's columns can depend on its configuration (output_prefix, boxes_column).
+        self.writes: dict[str, pa.DataType] = dict(getattr(self.stage, "writes", stage_cls.writes))
         self.drop_columns = drop_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:

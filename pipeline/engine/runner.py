@@ -257,7 +257,9 @@ def metric_types(job: JobSpec) -> list[str]:
     """IoU types to evaluate: the spec's list, or (auto) those matching what the stages write."""
     if job.metrics != "auto":
         return list(job.metrics)
-    written = {column for stage in job.stages for column in stage.stage_class().writes}
+    from pipeline.stages.chain import output_columns
+
+    written = {column for stage in job.stages for column in output_columns(stage)}
     by_column = {schema.BOXES: "bbox", schema.MASKS: "segm", schema.KEYPOINTS: "keypoints"}
     return [iou for column, iou in by_column.items() if column in written]
 

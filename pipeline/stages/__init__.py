@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from pipeline.config.spec import StageSpec
 from pipeline.stages.detect import DetectSpec
+from pipeline.stages.keypoints import KeypointsSpec
+from pipeline.stages.masks import MasksSpec
+from pipeline.stages.proposals import ProposalsSpec
 
 STAGES: dict[str, type[StageSpec]] = {}
 
@@ -34,3 +37,6 @@ def get_stage_spec(type_name: str) -> type[StageSpec] | None:
 
 
 register(DetectSpec)
+register(MasksSpec)
+register(KeypointsSpec)
+register(ProposalsSpec)

@@ -10,6 +10,14 @@ Output per image (all in the decoded image's pixels; torchvision rescales from i
 The score threshold and detections cap are passed *into* the model (``box_score_thresh`` /
 ``score_thresh`` ...), so the stage returns exactly what a direct torchvision call with the same
 settings returns -- the fidelity test relies on that.
+
+Two keys connect this stage to earlier ones (see :mod:`pipeline.stages.chain`):
+
+* ``proposals_column`` (R-CNN models only): Fast R-CNN. Instead of the model's own RPN, the RoI
+  heads run on the boxes an earlier stage wrote (e.g. ``proposals`` from selective search),
+  with the backbone run once per image. See :func:`pipeline.stages.rcnn.detect_from_proposals`.
+* ``output_prefix``: the columns become ``PREFIX + boxes`` etc., so two detectors (or a detector
+  and a masks stage) can run in one job without writing the same column.
 """
 
 from __future__ import annotations
@@ -20,14 +28,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from pipeline import schema
 from pipeline.config.spec import StageSpec
-from pipeline.data.decode import pixels_to_array
 from pipeline.models.registry import build_model, check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint, resolve_weights
 from pipeline.stages.columns import ragged, ragged_boxes
+from pipeline.stages.common import batch_images, parse_boxes, prefixed
+from pipeline.stages.rcnn import detect_from_proposals, is_rcnn, require_rcnn
 
 CategoryMap = Literal["auto", "identity", "by_name"] | dict[int, int]
 
@@ -39,6 +48,9 @@ class DetectStage:
 
         stage = DetectStage(model="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none", num_classes=4)
         out = stage(batch)  # batch: pyarrow.Table with pixels/width/height columns
+
+    ``writes`` on the class lists the columns without a prefix; an instance's ``writes`` is what
+    that instance appends (with its ``output_prefix``).
     """
 
     writes: ClassVar[dict[str, pa.DataType]] = {
@@ -47,6 +59,13 @@ class DetectStage:
         schema.LABELS: schema.IDS_TYPE,
         schema.CATEGORY_IDS: schema.IDS_TYPE,
     }
+    head_writes: ClassVar[dict[str, pa.DataType] | None] = None  # columns of boxes_column mode (masks, keypoints)
+    task: ClassVar[str | None] = None  # registry task the model must have (None: any detector)
+
+    @classmethod
+    def output_columns(cls, *, output_prefix: str = "", boxes_column: str | None = None) -> dict[str, pa.DataType]:
+        """The columns an instance with these settings appends, with their Arrow types."""
+        return prefixed(cls.head_writes if boxes_column and cls.head_writes else cls.writes, output_prefix)
 
     def __init__(
         self,
@@ -61,7 +80,11 @@ class DetectStage:
         device: str = "cpu",
         threads: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        proposals_column: str | None = None,
+        output_prefix: str = "",
     ):
+        if self.task and get_entry(model).task != self.task:
+            raise ValueError(f"model {model} has no {self.task} head (task {get_entry(model).task!r})")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -77,31 +100,61 @@ class DetectStage:
         )
         self.model.to(self.device)
         self.label_to_category = category_mapping(category_map, model_categories, list(dataset_categories))
+        self.proposals_column = proposals_column
+        if proposals_column:
+            require_rcnn(self.model, model, "proposals_column")
+        self.output_prefix = output_prefix
+        self.writes = self.output_columns(output_prefix=output_prefix)
+
+    def to_tensors(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """RGB uint8 (H, W, 3) -> float (3, H, W) in [0, 1] on the stage's device, as torchvision wants."""
+        return [torch.from_numpy(np.array(img)).to(self.device).permute(2, 0, 1).float().div(255) for img in images]
 
     @torch.inference_mode()
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """RGB uint8 (H, W, 3) arrays -> torchvision output dicts as numpy (boxes xyxy, scores, labels)."""
-        tensors = [torch.from_numpy(np.array(img)).to(self.device).permute(2, 0, 1).float().div(255) for img in images]
-        outputs = self.model(tensors)
-        return [{k: v.detach().cpu().numpy() for k, v in out.items()} for out in outputs]
+    def predict(self, images: list[np.ndarray], proposals: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+        """RGB uint8 (H, W, 3) arrays -> torchvision output dicts as numpy (boxes xyxy, scores, labels).
+
+        ``proposals``: per image (N, 4) xyxy float32 in original pixels; given, the model's RPN is
+        skipped (Fast R-CNN, R-CNN models only).
+        """
+        tensors = self.to_tensors(images)
+        if proposals is None:
+            outputs = self.model(tensors)
+        else:
+            outputs = detect_from_proposals(self.model, tensors, [torch.from_numpy(p).to(self.device) for p in proposals])
+        return [self.to_numpy(out) for out in outputs]
+
+    def to_numpy(self, output: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in output.items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = [
-            pixels_to_array(buf, h, w)
-            for buf, h, w in zip(
-                batch[schema.PIXELS].to_pylist(), batch[schema.HEIGHT].to_pylist(), batch[schema.WIDTH].to_pylist()
-            )
-        ]
-        outputs = self.predict(images)
+        outputs = self.predict(batch_images(batch), self.read_proposals(batch))
+        return self.append(batch, self.columns(outputs))
+
+    def read_proposals(self, batch: pa.Table) -> list[np.ndarray] | None:
+        """Per row (N, 4) xyxy float32 from ``proposals_column``; None without one. Raises on malformed rows."""
+        if not self.proposals_column:
+            return None
+        return [parse_boxes(cell, self.proposals_column) for cell in batch[self.proposals_column].to_pylist()]
+
+    def columns(self, outputs: list[dict[str, np.ndarray]]) -> dict[str, pa.Array]:
+        """The box columns (unprefixed names) from the model's outputs."""
         labels = [o["labels"].astype(np.int64) for o in outputs]
         mapping = self.label_to_category
         categories = labels if mapping is None else [np.array([mapping.get(int(x), -1) for x in lab], np.int64) for lab in labels]
-        return (
-            batch.append_column(schema.BOXES, ragged_boxes([o["boxes"] for o in outputs]))
-            .append_column(schema.SCORES, ragged([o["scores"] for o in outputs], pa.float32()))
-            .append_column(schema.LABELS, ragged(labels, pa.int64()))
-            .append_column(schema.CATEGORY_IDS, ragged(categories, pa.int64()))
-        )
+        return {
+            schema.BOXES: ragged_boxes([o["boxes"] for o in outputs]),
+            schema.SCORES: ragged([o["scores"] for o in outputs], pa.float32()),
+            schema.LABELS: ragged(labels, pa.int64()),
+            schema.CATEGORY_IDS: ragged(categories, pa.int64()),
+        }
+
+    def append(self, batch: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+        """Append ``columns`` under this instance's output names, in the order of ``writes``."""
+        named = {self.output_prefix + name: values for name, values in columns.items()}
+        for name in self.writes:
+            batch = batch.append_column(name, named[name])
+        return batch
 
 
 def category_mapping(
@@ -124,6 +177,19 @@ def category_mapping(
     return {c["label"]: ids_by_name[c["name"]] for c in model_categories if c["name"] in ids_by_name}
 
 
+def check_weights(model: str, weights: str, num_classes: int | None) -> None:
+    """Fail before any data is read if ``weights`` are missing or do not fit ``model``."""
+    resolved = resolve_weights(model, weights)
+    if resolved.kind == "checkpoint":  # shape-check on the meta device: no memory, no time
+        ckpt = load_checkpoint(resolved.path)
+        classes = ckpt.get("num_classes") or num_classes or 91
+        with torch.device("meta"):
+            built = get_entry(model).builder(
+                weights=None, weights_backbone=None, num_classes=classes, **ckpt.get("build_kwargs", {})
+            )
+        check_state_dict(built, ckpt["model"], resolved.path, model)
+
+
 class DetectSpec(StageSpec):
     """Parameters of a ``detect`` stage (see jobs/detect.yaml)."""
 
@@ -137,6 +203,10 @@ class DetectSpec(StageSpec):
     category_map: CategoryMap = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder kwargs, e.g. min_size")
+    proposals_column: str | None = Field(
+        None, description="Fast R-CNN: run the RoI heads on this earlier stage's boxes (xyxy) instead of the RPN"
+    )
+    output_prefix: str = Field("", description="prepended to every column this stage writes, e.g. 'det_'")
 
     @field_validator("model")
     @classmethod
@@ -144,20 +214,29 @@ class DetectSpec(StageSpec):
         get_entry(value)  # raises ValueError listing the known models
         return value
 
+    @field_validator("proposals_column")
+    @classmethod
+    def _proposals_need_rcnn(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if value is not None and model is not None and not is_rcnn(model):
+            raise ValueError(
+                f"proposals_column needs an R-CNN model (fasterrcnn_*, maskrcnn_*, keypointrcnn_*); {model} has no RoI heads"
+            )
+        return value
+
+    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
+        """Config key -> (column it names, Arrow type it must have): what must exist before this stage."""
+        return {"proposals_column": (self.proposals_column, schema.BOXES_TYPE)} if self.proposals_column else {}
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return self.stage_class().output_columns(output_prefix=self.output_prefix)
+
     @classmethod
     def stage_class(cls) -> type:
         return DetectStage
 
     def preflight(self) -> None:
-        resolved = resolve_weights(self.model, self.weights)
-        if resolved.kind == "checkpoint":  # shape-check on the meta device: no memory, no time
-            ckpt = load_checkpoint(resolved.path)
-            classes = ckpt.get("num_classes") or self.num_classes or 91
-            with torch.device("meta"):
-                model = get_entry(self.model).builder(
-                    weights=None, weights_backbone=None, num_classes=classes, **ckpt.get("build_kwargs", {})
-                )
-            check_state_dict(model, ckpt["model"], resolved.path, self.model)
+        check_weights(self.model, self.weights, self.num_classes)
 
     def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
         return {
@@ -171,6 +250,8 @@ class DetectSpec(StageSpec):
             "device": ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device,
             "threads": self.threads or max(1, math.ceil(self.num_cpus)),
             "model_kwargs": self.model_kwargs,
+            "proposals_column": self.proposals_column,
+            "output_prefix": self.output_prefix,
         }
 
 

@@ -102,3 +102,52 @@ def test_spec_device_follows_gpus():
     assert DetectSpec(name="d", type="detect", num_gpus=0.5).stage_kwargs([])["device"] == "cuda"
     assert DetectSpec(name="d", type="detect").stage_kwargs([])["device"] == "cpu"
     assert DetectSpec(name="d", type="detect", num_cpus=1.5).stage_kwargs([])["threads"] == 2
+
+
+def test_fast_rcnn_mode_equals_torchvision_with_the_rpn_replaced(tmp_path, photos):
+    """proposals_column: RoI heads on given boxes == a torchvision forward whose RPN returned them."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    name = FAST_DETECT["model"]
+    torch.manual_seed(3)
+    reference = torchvision.models.get_model(
+        name, weights=None, weights_backbone=None, num_classes=4, box_score_thresh=0.2, box_detections_per_img=100,
+        **FAST_DETECT["model_kwargs"],
+    ).eval()
+    checkpoint = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), checkpoint)
+    stage = DetectStage(**{**FAST_DETECT, "weights": str(checkpoint)}, proposals_column="proposals")
+    image = photos[2]
+    h, w = image.shape[:2]
+    xy = np.random.default_rng(1).uniform(0, [w - 30, h - 30], size=(25, 2))
+    proposals = np.concatenate([xy, xy + 25], axis=1).astype(np.float32)
+    batch = _batch([image]).append_column("proposals", pa.array([proposals.tolist()], schema.BOXES_TYPE))
+    row = stage(batch).to_pylist()[0]
+
+    class FixedRPN(torch.nn.Module):
+        def forward(self, images, features, targets=None):
+            return [resize_boxes(torch.from_numpy(proposals), (h, w), images.image_sizes[0])], {}
+
+    reference.rpn = FixedRPN()
+    with torch.inference_mode():
+        expected = reference([to_tensor(np.array(image))])[0]
+    boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
+    assert boxes.shape == tuple(expected["boxes"].shape) and len(boxes) > 0
+    assert np.abs(boxes - expected["boxes"].numpy()).max() <= 1e-4
+    assert np.abs(np.asarray(row["scores"]) - expected["scores"].numpy()).max() <= 1e-4
+
+    # Malformed proposals raise a ValueError naming the column; an empty list detects nothing.
+    for cells, message in (([[[5, 5, 1, 1]]], "not COCO xywh"), ([[[0, 0, float("inf"), 9]]], "not finite")):
+        with pytest.raises(ValueError, match=f"proposals: box 0 .*{message}"):
+            stage(batch.set_column(batch.column_names.index("proposals"), "proposals", pa.array(cells, schema.BOXES_TYPE)))
+    empty = batch.set_column(batch.column_names.index("proposals"), "proposals", pa.array([[]], schema.BOXES_TYPE))
+    assert stage(empty).to_pylist()[0]["boxes"] == []
+
+
+def test_output_prefix_and_rcnn_only_proposals():
+    stage = DetectStage(**FAST_DETECT, output_prefix="det_")
+    assert list(stage.writes) == ["det_boxes", "det_scores", "det_labels", "det_category_ids"]
+    with pytest.raises(ValueError, match="proposals_column needs an R-CNN model"):
+        DetectSpec(name="d", type="detect", model="ssdlite320_mobilenet_v3_large", proposals_column="proposals")
+    with pytest.raises(ValueError, match="proposals_column needs an R-CNN model"):
+        DetectStage(model="ssdlite320_mobilenet_v3_large", num_classes=4, proposals_column="proposals")

@@ -1,0 +1,102 @@
+"""Helpers the model stages share: batch pixels in, checked boxes in, ragged columns out.
+
+Box format everywhere in this module is **xyxy** (x1, y1, x2, y2) in the pixels of the decoded
+image, the format of ``boxes`` and ``proposals`` columns. COCO's **xywh** only appears in ground
+truth; :func:`parse_boxes` refuses boxes whose x2 < x1 or y2 < y1 with a message that says so,
+which catches xywh boxes fed to a stage by mistake.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pycocotools import mask as mask_utils
+
+from pipeline import schema
+from pipeline.data.decode import pixels_to_array
+
+
+def batch_images(batch: pa.Table) -> list[np.ndarray]:
+    """The in-flight ``pixels`` of a batch as RGB uint8 arrays of shape (H, W, 3)."""
+    return [
+        pixels_to_array(buf, h, w)
+        for buf, h, w in zip(
+            batch[schema.PIXELS].to_pylist(), batch[schema.HEIGHT].to_pylist(), batch[schema.WIDTH].to_pylist()
+        )
+    ]
+
+
+def parse_boxes(cell, column: str) -> np.ndarray:
+    """One row's boxes (list of [x1, y1, x2, y2], or a flat list of 4k values) -> float32 (N, 4).
+
+    Raises ValueError with the column name and the reason for anything that is not a list of
+    finite xyxy boxes: a null cell, a length that is not a multiple of 4, NaN/inf, x2 < x1.
+    An empty list is valid and gives shape (0, 4).
+    """
+    if cell is None:
+        raise ValueError(f"{column}: null for this row (the stage that writes it did not produce it)")
+    try:
+        values = np.asarray(cell, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{column}: not a list of [x1, y1, x2, y2] boxes ({exc})") from None
+    if values.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if values.ndim == 1:
+        if values.size % 4:
+            raise ValueError(f"{column}: {values.size} values is not a multiple of 4 (expected xyxy boxes)")
+        values = values.reshape(-1, 4)
+    if values.ndim != 2 or values.shape[1] != 4:
+        raise ValueError(f"{column}: expected boxes of 4 values, got an array of shape {values.shape}")
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{column}: box {bad[0]} is not finite: {values[bad[0]].tolist()}")
+    bad = np.flatnonzero((values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1]))
+    if len(bad):
+        raise ValueError(
+            f"{column}: box {bad[0]} {values[bad[0]].tolist()} has x2 < x1 or y2 < y1; boxes must be xyxy, not COCO xywh"
+        )
+    return values.astype(np.float32)
+
+
+def parse_labels(cell, column: str, count: int, num_classes: int) -> np.ndarray:
+    """One row's model labels -> int64 (N,), checked against the box count and the class range."""
+    if cell is None:
+        raise ValueError(f"{column}: null for this row")
+    labels = np.asarray(cell, dtype=np.int64).reshape(-1)
+    if len(labels) != count:
+        raise ValueError(f"{column}: {len(labels)} labels for {count} boxes")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(f"{column}: label {labels[bad[0]]} outside the model's classes 0..{num_classes - 1}")
+    return labels
+
+
+def ragged_vectors(values: list[np.ndarray | None]) -> pa.Array:
+    """Per-row (N, D) float arrays -> ``list<list<float32>>`` (e.g. N keypoint vectors of 3K values)."""
+    valid = [np.asarray(v, np.float32) for v in values if v is not None]
+    if any(v.ndim != 2 for v in valid):
+        raise ValueError(f"ragged_vectors wants (N, D) arrays, got shapes {[v.shape for v in valid]}")
+    flat = np.concatenate([v.reshape(-1) for v in valid]) if valid else np.zeros(0, np.float32)
+    inner_lengths = np.concatenate([np.full(len(v), v.shape[1], np.int32) for v in valid]) if valid else np.zeros(0, np.int32)
+    inner_offsets = pa.array(np.concatenate([[0], np.cumsum(inner_lengths)]).astype(np.int32))
+    inner = pa.ListArray.from_arrays(inner_offsets, pa.array(flat, pa.float32()))
+    counts = np.array([0 if v is None else len(v) for v in values], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, inner, mask=pa.array([v is None for v in values], pa.bool_()))
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Binary masks (N, H, W) -> N compressed COCO RLEs ``{"size": [H, W], "counts": str}``.
+
+    pycocotools wants a Fortran-ordered uint8 (H, W, N) array; its ``counts`` bytes are ASCII.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def prefixed(columns: dict[str, pa.DataType], prefix: str) -> dict[str, pa.DataType]:
+    """Output column names with a stage's ``output_prefix`` (``""`` keeps the schema names)."""
+    return {prefix + name: dtype for name, dtype in columns.items()}

@@ -1,0 +1,219 @@
+"""The masks stage returns what torchvision's Mask R-CNN returns, as COCO RLE, in every mode."""
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torchvision
+from pycocotools import mask as mask_utils
+from torch import nn
+from torchvision.models.detection.transform import resize_boxes
+
+from pipeline import schema
+from pipeline.engine.actor import StageActor
+from pipeline.stages.masks import MasksSpec, MasksStage
+from tests.stages.helpers import assert_declared_types, boxes_of, make_batch, with_column
+
+# Small settings: the R-CNN at ~160 px with few proposals; random RoI-head scores for 5 classes
+# are ~0.2, so a 0.05 threshold keeps max_detections boxes to compare.
+SMALL = {"min_size": 128, "max_size": 160, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
+SETTINGS = {"box_score_thresh": 0.05, "box_detections_per_img": 6}
+STAGE = {"num_classes": 5, "score_threshold": 0.05, "max_detections": 6, "model_kwargs": SMALL}
+
+
+def reference_and_checkpoint(tmp_path_factory, name: str):
+    """A random-weights torchvision model and the same weights as a checkpoint file for the stage.
+
+    The mask predictor is scaled up: random mask logits sit near 0 -- probabilities near the 0.5
+    threshold, where the rounding of two equivalent computations (the box round trip of
+    boxes_column) could flip a pixel. Both sides use the same scaled weights.
+    """
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5, **SMALL, **SETTINGS)
+    with torch.no_grad():
+        for p in model.roi_heads.mask_predictor.parameters():
+            p.mul_(1000.0)
+    path = tmp_path_factory.mktemp("ckpt") / f"{name}.pth"
+    torch.save({"model": model.state_dict(), "model_name": name, "num_classes": 5}, path)
+    return model.eval(), str(path)
+
+
+@pytest.fixture(scope="module")
+def maskrcnn(tmp_path_factory):
+    return reference_and_checkpoint(tmp_path_factory, "maskrcnn_resnet50_fpn")
+
+
+@pytest.fixture(scope="module")
+def full_stage(maskrcnn) -> MasksStage:
+    return MasksStage(model="maskrcnn_resnet50_fpn", weights=maskrcnn[1], **STAGE)
+
+
+@pytest.fixture(scope="module")
+def head_stage(maskrcnn) -> MasksStage:
+    """The same weights, segmenting the boxes of an earlier stage (``boxes_column``)."""
+    return MasksStage(model="maskrcnn_resnet50_fpn", weights=maskrcnn[1], boxes_column="boxes", **STAGE)
+
+
+def decode(row: dict) -> np.ndarray:
+    """A row's masks column -> bool (N, H, W)."""
+    if not row[schema.MASKS]:
+        return np.zeros((0, row["height"], row["width"]), bool)
+    return mask_utils.decode(row[schema.MASKS]).transpose(2, 0, 1).astype(bool)
+
+
+def direct(model: nn.Module, images: list[np.ndarray]) -> list[dict]:
+    with torch.inference_mode():
+        return model([torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div(255) for im in images])
+
+
+def assert_same_detections(row: dict, expected: dict) -> None:
+    boxes = boxes_of(row)
+    assert boxes.shape == tuple(expected["boxes"].shape)
+    assert np.abs(boxes - expected["boxes"].numpy()).max(initial=0) <= 1e-4
+    assert np.abs(np.asarray(row["scores"]) - expected["scores"].numpy()).max(initial=0) <= 1e-4
+    assert row["labels"] == expected["labels"].tolist() == row["category_ids"]
+
+
+def check_fidelity(stage: MasksStage, reference: nn.Module, groups: list[list[np.ndarray]], threshold: float = 0.5) -> int:
+    compared = 0
+    for images in groups:  # equal batching on both sides (padding changes border features)
+        out = stage(make_batch(images))
+        assert_declared_types(out, MasksStage.writes)
+        for row, exp, im in zip(out.to_pylist(), direct(reference, images), images):
+            assert_same_detections(row, exp)
+            assert all(m["size"] == [im.shape[0], im.shape[1]] and isinstance(m["counts"], str) for m in row["masks"])
+            # The RLE decodes to exactly the model's masks, thresholded as probability > threshold.
+            np.testing.assert_array_equal(decode(row), (exp["masks"][:, 0] > threshold).numpy())
+            compared += len(row["masks"])
+    return compared
+
+
+def test_stage_equals_direct_torchvision_call(maskrcnn, full_stage, photos):
+    assert check_fidelity(full_stage, maskrcnn[0], [photos[:1], photos[1:]]) > 0
+
+
+def test_v2_equals_direct_torchvision_call(tmp_path_factory, photos):
+    reference, ckpt = reference_and_checkpoint(tmp_path_factory, "maskrcnn_resnet50_fpn_v2")
+    stage = MasksStage(model="maskrcnn_resnet50_fpn_v2", weights=ckpt, **STAGE)
+    assert check_fidelity(stage, reference, [photos[2:]]) > 0
+
+
+def test_threshold_is_configurable(maskrcnn, full_stage, photos):
+    stage = copy.copy(full_stage)  # shares the model; the threshold is applied after it
+    stage.mask_threshold = 0.999
+    assert check_fidelity(stage, maskrcnn[0], [photos[:1]], threshold=0.999) > 0
+
+
+def test_synthetic_images_give_the_declared_schema(full_stage, synth_images):
+    out = full_stage(make_batch(synth_images[:2]))
+    assert_declared_types(out, MasksStage.writes)
+    for row in out.to_pylist():
+        assert len(row["masks"]) == len(row["boxes"]) == len(row["scores"]) == len(row["labels"]) > 0
+        assert decode(row).shape[1:] == (row["height"], row["width"])
+
+
+class FixedProposals(nn.Module):
+    """Stands in for a model's RPN: returns given boxes (original pixels) in the resized frame."""
+
+    def __init__(self, boxes: list[torch.Tensor], original: list[tuple[int, int]]):
+        super().__init__()
+        self.boxes, self.original = boxes, original
+
+    def forward(self, images, features, targets=None):
+        return [resize_boxes(b, o, s) for b, o, s in zip(self.boxes, self.original, images.image_sizes)], {}
+
+
+def random_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    xy = rng.uniform(0, [w - 20, h - 20], size=(n, 2))
+    wh = rng.uniform(8, 60, size=(n, 2))
+    return np.concatenate([xy, np.minimum(xy + wh, [w, h])], axis=1).astype(np.float32)
+
+
+def test_fast_rcnn_mode_equals_torchvision_with_the_rpn_replaced(maskrcnn, photos):
+    """proposals_column: the same as a full torchvision forward whose RPN returned those boxes."""
+    reference, ckpt = maskrcnn
+    images = photos[1:2] * 2  # the second copy gets no proposals: zero detections, empty lists
+    h, w = images[0].shape[:2]
+    proposals = [random_boxes(np.random.default_rng(0), 30, h, w), np.zeros((0, 4), np.float32)]
+    stage = MasksStage(model="maskrcnn_resnet50_fpn", weights=ckpt, proposals_column="proposals", **STAGE)
+    batch = with_column(make_batch(images), "proposals", [p.tolist() for p in proposals], schema.BOXES_TYPE)
+    out = stage(batch).to_pylist()
+    assert_declared_types(stage(batch.slice(0, 1)), MasksStage.writes)
+    rpn = reference.rpn
+    try:
+        reference.rpn = FixedProposals([torch.from_numpy(proposals[0])], [(h, w)])
+        expected = direct(reference, images[:1])[0]
+    finally:
+        reference.rpn = rpn
+    assert len(out[0]["boxes"]) > 0
+    assert_same_detections(out[0], expected)
+    np.testing.assert_array_equal(decode(out[0]), (expected["masks"][:, 0] > 0.5).numpy())
+    assert out[1]["boxes"] == out[1]["scores"] == out[1]["labels"] == out[1]["masks"] == []
+
+
+def test_boxes_column_segments_earlier_boxes(full_stage, head_stage, photos):
+    """detect -> masks: the mask head on given boxes/labels reproduces the full model's masks."""
+    full = full_stage(make_batch(photos[:1]))
+    assert head_stage.writes == {"masks": schema.MASKS_TYPE}  # the box columns stay the earlier stage's
+    out = head_stage(full.drop_columns(["masks"])).to_pylist()[0]
+    expected = decode(full.to_pylist()[0])
+    got = decode(out)
+    assert got.shape == expected.shape and len(got) > 0 and expected.sum() > 0
+    assert (got != expected).mean() < 1e-4  # equal up to the rounding of the box round trip
+
+
+def test_boxes_outside_the_image_get_empty_masks(head_stage, photos):
+    h, w = photos[0].shape[:2]
+    boxes = [[-80, -60, -20, -10], [w + 5, 10, w + 50, 40], [10, 10, 60, 70], [-30, -30, 30, 30]]
+    batch = make_batch(photos[:1] * 2)
+    batch = with_column(batch, "boxes", [boxes, []], schema.BOXES_TYPE)
+    batch = with_column(batch, "labels", [[1, 2, 3, 4], []], schema.IDS_TYPE)
+    rows = head_stage(batch).to_pylist()
+    masks = decode(rows[0])
+    assert masks.shape == (4, h, w)
+    assert masks[0].sum() == 0 and masks[1].sum() == 0  # entirely outside: nothing to segment
+    assert not masks[2][:, 61:].any() and not masks[2][71:, :].any()  # pasted inside its box only
+    assert rows[1]["masks"] == []  # no boxes, no masks
+
+
+def test_bad_boxes_fail_their_row_only(maskrcnn, head_stage, photos):
+    """Malformed inputs raise a clear ValueError; in the actor only that row becomes an error row."""
+    batch = make_batch(photos)
+    cells = [[[10, 10, 50, 50]], [[float("nan"), 0, 5, 5]], [[40, 40, 10, 10]]]
+    batch = with_column(batch, "boxes", cells, schema.BOXES_TYPE)
+    batch = with_column(batch, "labels", [[1], [1], [1]], schema.IDS_TYPE)
+    # What the detect stage before it also wrote (the actor keeps earlier stages' columns).
+    batch = with_column(batch, "scores", [[0.9], [0.9], [0.9]], schema.SCORES_TYPE)
+    batch = with_column(batch, "category_ids", [[1], [1], [1]], schema.IDS_TYPE)
+    kwargs = {"model": "maskrcnn_resnet50_fpn", "weights": maskrcnn[1], "boxes_column": "boxes", **STAGE}
+    actor = StageActor(stage_name="masks", stage_cls=MasksStage, stage_kwargs=kwargs)
+    rows = actor(batch).to_pylist()
+    assert rows[0]["error"] is None and len(rows[0]["masks"]) == 1
+    assert "masks: ValueError: boxes: box 0 is not finite" in rows[1]["error"] and rows[1]["masks"] is None
+    assert "must be xyxy, not COCO xywh" in rows[2]["error"] and rows[2]["masks"] is None
+
+    one = batch.slice(0, 1)
+    with pytest.raises(ValueError, match="labels: label 9 outside the model's classes 0..4"):
+        head_stage(with_column(one, "labels", [[9]], schema.IDS_TYPE))
+    with pytest.raises(ValueError, match="labels: 2 labels for 1 boxes"):
+        head_stage(with_column(one, "labels", [[1, 1]], schema.IDS_TYPE))
+    # A flat list<float> column, as another tool might write it: 4 values per box.
+    flat = pa.list_(pa.float32())
+    assert len(head_stage(with_column(one, "boxes", [[10, 10, 50, 50]], flat)).to_pylist()[0]["masks"]) == 1
+    with pytest.raises(ValueError, match="boxes: 7 values is not a multiple of 4"):
+        head_stage(with_column(one, "boxes", [[10, 10, 50, 50, 70, 80, 90]], flat))
+    with pytest.raises(ValueError, match="boxes: null for this row"):
+        head_stage(with_column(one, "boxes", [None], flat))
+
+
+def test_spec_validation():
+    spec = MasksSpec(name="m", type="masks", boxes_column="det_boxes", labels_column="det_labels", output_prefix="seg_")
+    assert spec.output_columns() == {"seg_masks": schema.MASKS_TYPE}
+    assert set(spec.input_columns()) == {"boxes_column", "labels_column"}
+    assert list(MasksSpec(name="m", type="masks").output_columns()) == ["boxes", "scores", "labels", "category_ids", "masks"]
+    with pytest.raises(ValueError, match="has no mask head"):
+        MasksSpec(name="m", type="masks", model="fasterrcnn_resnet50_fpn")
+    with pytest.raises(ValueError, match="exclude each other"):
+        MasksSpec(name="m", type="masks", boxes_column="boxes", proposals_column="proposals")
