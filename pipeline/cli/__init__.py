@@ -8,6 +8,7 @@ from pipeline import __version__
 from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd, export_coco_cmd
 from pipeline.cli.run import run
+from pipeline.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100})
@@ -19,4 +20,5 @@ def main() -> None:
 main.add_command(data)
 main.add_command(run)
 main.add_command(eval_cmd)
+main.add_command(train)
 data.add_command(export_coco_cmd)

@@ -67,6 +67,15 @@ def _register_torchvision() -> None:
 _register_torchvision()
 
 
+def _register_project_models() -> None:
+    from pipeline.models.small_rcnn import small_maskrcnn
+
+    register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh", "box_detections_per_img"))
+
+
+_register_project_models()
+
+
 def build_model(
     name: str,
     weights: ResolvedWeights,

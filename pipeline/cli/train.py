@@ -1,0 +1,43 @@
+"""``pipeline train``: train or fine-tune a detection/mask model on our shards with Ray Train."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.common import print_table, user_errors
+
+
+@click.command()
+@click.argument("train_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. epochs=2 (repeatable).")
+@click.option("--address", help="Train on this Ray cluster instead of embedded local Ray.")
+@user_errors
+def train(train_file: str, overrides: tuple[str, ...], address: str | None) -> None:
+    """Train a model on shards (Ray Train); resumes if OUTPUT has a run.
+
+    TRAIN_FILE is a YAML training spec, e.g. jobs/train_shapes.yaml.
+    """
+    from pipeline.config.load import apply_override, read_yaml
+    from pipeline.train.spec import TrainSpec
+    from pipeline.train.trainer import train as run_training
+
+    data = read_yaml(train_file)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    spec = _validate(data, train_file, TrainSpec)
+    summary = run_training(spec, source=train_file, address=address)
+    rows = [(e.get("epoch"), e.get("step"), round(e.get("loss", float("nan")), 4), e.get("val_bbox_AP", ""), e.get("val_segm_AP", ""))
+            for e in summary["epochs"]]
+    print_table(rows, header=("epoch", "step", "loss", "val bbox AP", "val segm AP"))
+    click.echo(f"model: {summary['model']}  (load it in a job with weights: {summary['model']})")
+
+
+def _validate(data: dict, source: str, model):
+    from pydantic import ValidationError
+
+    from pipeline.config.load import ConfigError, _format
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid training spec:\n  " + "\n  ".join(_format(exc, prefix=""))) from exc

@@ -1,0 +1,160 @@
+"""The per-worker training loop (runs inside Ray Train workers) and the checkpoint format.
+
+Each worker reads its split of the training shards (Ray Data, streamed), steps the model (DDP
+over gloo on CPU, NCCL on GPUs, via ``ray.train.torch.prepare_model``), and at each epoch end
+rank 0 writes a checkpoint and evaluates on the validation set. A checkpoint folder holds:
+
+* ``model.pth``: ``{"model": state_dict, "model_name", "num_classes", "categories", "build_kwargs"}``,
+  the format the inference stages load by path (``weights: OUT/model.pth``);
+* ``train_state.pt``: optimizer state, epoch and step, so a run resumes where it stopped;
+* ``history.json``: the metrics of every epoch so far (a resumed run keeps its past).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pipeline.models.registry import check_state_dict, get_entry
+from pipeline.models.weights import load_checkpoint
+from pipeline.train.spec import TrainSpec
+from pipeline.train.targets import row_to_sample
+
+MODEL_FILE = "model.pth"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"  # metrics of every epoch so far, carried from checkpoint to checkpoint
+
+
+def build_train_model(spec: TrainSpec, num_classes: int) -> torch.nn.Module:
+    entry = get_entry(spec.model)
+    model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes, min_size=spec.min_size, max_size=spec.max_size)
+    if spec.weights.lower() != "none":
+        ckpt = load_checkpoint(spec.weights)
+        check_state_dict(model, ckpt["model"], spec.weights, spec.model)
+        model.load_state_dict(ckpt["model"])
+    return model
+
+
+def checkpoint_payload(spec: TrainSpec, model: torch.nn.Module, categories: list[dict]) -> dict:
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_name": spec.model,
+        "num_classes": len(categories) + 1,
+        "categories": categories,  # [{"label", "id", "name"}]: label -> dataset category id
+        "build_kwargs": {"min_size": spec.min_size, "max_size": spec.max_size},
+    }
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay with ``progress`` in [0, 1]."""
+    return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point: ``config = {"spec": TrainSpec dict, "categories": [...], "rows": int}``."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    spec = TrainSpec.model_validate(config["spec"])
+    categories = config["categories"]
+    label_of = {c["id"]: c["label"] for c in categories}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.threads or max(1, math.ceil(spec.worker_num_cpus)))
+    torch.manual_seed(spec.seed + rank)
+
+    model = build_train_model(spec, len(categories) + 1)
+    with_masks = get_entry(spec.model).task == "masks"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_spec = spec.optimizer
+    if opt_spec.name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=opt_spec.lr, momentum=opt_spec.momentum, weight_decay=opt_spec.weight_decay)
+
+    start_epoch, step, elapsed_before, resumed_from, history = 0, 0, 0.0, None, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            model.load_state_dict(load_checkpoint(os.path.join(folder, MODEL_FILE))["model"])
+            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, elapsed_before = state["epoch"] + 1, state["step"], state["elapsed_s"]
+        resumed_from = state["epoch"]
+        with open(os.path.join(folder, HISTORY_FILE), encoding="utf-8") as f:
+            history = json.load(f)
+
+    model = prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    device = next(core.parameters()).device
+    steps_per_epoch = max(1, config["rows"] // (spec.batch_size * world))
+    total_steps = steps_per_epoch * spec.epochs
+    budget = spec.time_limit_minutes * 60 if spec.time_limit_minutes else None
+    started = time.time() - elapsed_before
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, spec.epochs):
+        model.train()
+        losses: list[float] = []
+        stop = False
+        epoch_start = time.time()
+        for batch in shard.iter_batches(
+            batch_size=spec.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * spec.batch_size,
+            local_shuffle_seed=spec.seed + epoch * 1000 + rank, drop_last=True,
+        ):
+            progress = (time.time() - started) / budget if budget else step / total_steps
+            if world > 1:  # every worker must take the same number of steps, or DDP waits forever
+                flag = torch.tensor([1.0 if progress >= 1 else 0.0])
+                dist.all_reduce(flag)
+                progress = 1.0 if flag.item() > 0 else progress
+            if progress >= 1:
+                stop = True
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = opt_spec.lr * lr_factor(step, progress, opt_spec.warmup_steps)
+            samples = [row_to_sample(r, label_of, with_masks=with_masks) for r in batch.to_pylist()]
+            images = [img.to(device) for img, _ in samples]
+            targets = [{k: v.to(device) for k, v in t.items()} for _, t in samples]
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.item()))
+            step += 1
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "epoch_s": round(time.time() - epoch_start, 2),
+            "images_per_s": round(len(losses) * spec.batch_size * world / max(1e-9, time.time() - epoch_start), 2),
+            "resumed_from_epoch": resumed_from,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(checkpoint_payload(spec, core, categories), os.path.join(folder, MODEL_FILE))
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "elapsed_s": time.time() - started},
+                    os.path.join(folder, STATE_FILE),
+                )
+                if spec.val:
+                    from pipeline.train.validate import validate
+
+                    metrics.update(validate(core, spec, categories))
+                history.append(metrics)
+                with open(os.path.join(folder, HISTORY_FILE), "w", encoding="utf-8") as f:
+                    json.dump(history, f, indent=2)
+                print(f"epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "epoch"), flush=True)
+                checkpoint = Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if stop:
+            break

@@ -1,0 +1,130 @@
+"""``pipeline train``: data-parallel training on our shards with Ray Train's TorchTrainer.
+
+    preflight (datasets, categories, checkpoint architecture)     -- fails before any worker starts
+    Ray Data: shard paths -> rows (image bytes + annotations), streamed and split across workers
+    TorchTrainer(train_loop, workers x resources)                 -- gloo on CPU, NCCL on GPUs
+    OUTPUT/ray-train/checkpoint_*/{model.pth, train_state.pt}     -- every epoch (last 2 kept)
+    OUTPUT/model.pth, OUTPUT/train.json                           -- the final model and the history
+
+Running the same command again with the same ``output`` resumes from the last checkpoint there
+(Ray Train restores the run; :func:`pipeline.train.loop.train_loop` restores model, optimizer,
+epoch, step and elapsed time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema
+from pipeline.config.load import ConfigError
+from pipeline.data.shards import DatasetError, iter_shard, list_shards, read_meta, read_shard, shard_rows, shard_schema
+from pipeline.models.registry import check_state_dict, get_entry
+from pipeline.models.weights import load_checkpoint
+from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, train_loop
+from pipeline.train.spec import TrainSpec
+from pipeline.train.targets import label_categories
+
+TRAIN_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.ERROR]
+RUN_NAME = "ray-train"
+
+
+def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]:
+    """Check everything that can be checked before training; returns (shards, categories, rows)."""
+    try:
+        shards = list_shards(spec.train)
+    except DatasetError as exc:
+        raise ConfigError(f"{source}: train: {exc}") from exc
+    categories = read_meta(spec.train).categories
+    if not categories:
+        raise ConfigError(f"{source}: train: {spec.train} has no categories in dataset.json; cannot train a detector")
+    known = {int(c["id"]) for c in categories}
+    annotations = 0
+    for shard in shards:
+        if schema.ANNOTATIONS not in shard_schema(shard).names:
+            continue
+        flat = pc.list_flatten(read_shard(shard, columns=[schema.ANNOTATIONS])[schema.ANNOTATIONS])
+        annotations += len(flat)
+        unknown = set(pc.unique(pc.struct_field(flat, "category_id")).to_pylist()) - known if len(flat) else set()
+        if unknown:
+            raise ConfigError(f"{source}: train: {shard} has annotations of unknown category ids {sorted(unknown)}")
+    if annotations == 0:
+        raise ConfigError(f"{source}: train: {spec.train} has no annotations to learn from")
+    if spec.val:
+        try:
+            list_shards(spec.val)
+        except DatasetError as exc:
+            raise ConfigError(f"{source}: val: {exc}") from exc
+        missing = {c["name"] for c in read_meta(spec.val).categories} - {c["name"] for c in categories}
+        if missing:
+            raise ConfigError(f"{source}: val: categories {sorted(missing)} are not in the training set")
+    if spec.weights.lower() != "none":
+        import torch
+
+        ckpt = load_checkpoint(spec.weights)
+        with torch.device("meta"):
+            model = get_entry(spec.model).builder(
+                weights=None, weights_backbone=None, num_classes=len(categories) + 1, min_size=spec.min_size, max_size=spec.max_size
+            )
+        try:
+            check_state_dict(model, ckpt["model"], spec.weights, spec.model)
+        except Exception as exc:  # noqa: BLE001 - report as a spec error naming the key
+            raise ConfigError(f"{source}: weights: {exc}") from exc
+    rows = sum(shard_rows(s) for s in shards)
+    return shards, categories, rows
+
+
+def read_training_rows(batch: pa.Table, *, shards: list[str]):
+    """Ray Data UDF (generator): shard index -> rows with image bytes and annotations."""
+    for index in batch["shard_index"].to_pylist():
+        for table in iter_shard(shards[index], 64, columns=TRAIN_COLUMNS):
+            table = schema.conform(table, pa.schema([schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS]))
+            yield table.filter(pc.is_null(table[schema.ERROR])).drop_columns([schema.ERROR])
+
+
+def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None) -> dict:
+    """Train per ``spec``; returns ``{"model": path, "epochs": [...metrics per epoch...]}``."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    shards, categories, rows = preflight(spec, source)
+    output = os.path.abspath(spec.output)
+    os.makedirs(output, exist_ok=True)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if address:
+            ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(os.path.dirname(__file__))]})
+        else:
+            # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    try:
+        ds = ray.data.from_items([{"shard_index": i} for i in range(len(shards))], override_num_blocks=len(shards))
+        ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
+        resources = {"CPU": spec.worker_num_cpus} | ({"GPU": spec.worker_num_gpus} if spec.worker_num_gpus else {})
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "categories": label_categories(categories), "rows": rows},
+            scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.worker_num_gpus > 0, resources_per_worker=resources),
+            datasets={"train": ds},
+            run_config=RunConfig(name=RUN_NAME, storage_path=output, checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        shutil.copy(os.path.join(folder, MODEL_FILE), os.path.join(output, MODEL_FILE))
+        with open(os.path.join(folder, HISTORY_FILE), encoding="utf-8") as f:
+            history = json.load(f)
+    summary = {"model": os.path.join(output, MODEL_FILE), "epochs": history, "spec": spec.model_dump(mode="json")}
+    with open(os.path.join(output, "train.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary

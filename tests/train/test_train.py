@@ -1,0 +1,72 @@
+"""Training on embedded Ray: two workers lower the loss, write a checkpoint a stage loads, resume."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config.load import ConfigError
+from pipeline.data.shards import list_shards, read_shard
+from pipeline.data.synth import synth_dataset
+from pipeline.data.decode import decode_batch
+from pipeline.engine.actor import StageActor
+from pipeline.stages.masks import MasksStage
+from pipeline.train.spec import TrainSpec
+from pipeline.train.trainer import preflight, train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synth_dataset(str(root / "train"), images=24, seed=21, rows_per_shard=12)
+    synth_dataset(str(root / "val"), images=6, seed=22)
+    return root
+
+
+def spec_for(root, **extra) -> TrainSpec:
+    base = dict(name="t", train=str(root / "train"), val=str(root / "val"), output=str(root / "out"),
+                epochs=3, batch_size=4, workers=2, worker_num_cpus=0.8, seed=0)
+    return TrainSpec(**{**base, **extra})
+
+
+def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
+    """Two workers lower the loss and write a checkpoint a stage loads; a rerun resumes it."""
+    first = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=2))
+    epochs = first["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert all("val_bbox_AP" in e and "val_segm_AP" in e for e in epochs)
+    ckpt = torch.load(first["model"], weights_only=True)
+    assert ckpt["model_name"] == "small_maskrcnn" and [c["name"] for c in ckpt["categories"]] == ["circle", "rectangle", "triangle"]
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["model"] == first["model"]
+
+    actor = StageActor(stage_name="masks", stage_cls=MasksStage, drop_columns=("pixels",),
+                       stage_kwargs={"model": "small_maskrcnn", "weights": first["model"], "score_threshold": 0.0})
+    out = actor(decode_batch(read_shard(list_shards(str(shapes / "val"))[0]))).to_pylist()
+    assert len(out) == 6 and all(r["error"] is None and r["masks"] is not None for r in out)
+
+    # Same output folder, one more epoch: Ray Train restores the run, the loop its state.
+    second = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=3))
+    assert [e["epoch"] for e in second["epochs"]] == [0, 1, 2]
+    last = second["epochs"][-1]
+    assert last["resumed_from_epoch"] == 1
+    assert last["step"] == 3 * epochs[0]["step"]
+
+
+def test_bad_training_input_fails_before_training(shapes, tmp_path):
+    unlabeled = tmp_path / "unlabeled"
+    synth_dataset(str(unlabeled), images=2, seed=1)
+    table = read_shard(list_shards(str(unlabeled))[0]).drop_columns(["annotations"])
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, list_shards(str(unlabeled))[0])
+    with pytest.raises(ConfigError, match="no annotations"):
+        preflight(spec_for(shapes, train=str(unlabeled)), "t.yaml")
+    other = tmp_path / "other.pth"
+    torch.save({"model": {"x": torch.zeros(1)}}, other)
+    with pytest.raises(ConfigError, match="weights: .*does not fit model small_maskrcnn"):
+        preflight(spec_for(shapes, weights=str(other)), "t.yaml")
+    with pytest.raises(ConfigError, match="val: dataset not found"):
+        preflight(spec_for(shapes, val=str(tmp_path / "nope")), "t.yaml")
