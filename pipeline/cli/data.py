@@ -81,3 +81,18 @@ def info_cmd(path: str, as_json: bool) -> None:
     if per_category:
         click.echo("")
         print_table(sorted(per_category.items()), header=("category", "annotations"))
+
+
+@data.command("render")
+@click.option("--images", "images", help="Dataset holding the images (default: the job's input, from PRED's dataset.json).")
+@click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="How many images to draw.")
+@click.option("--min-score", default=0.3, show_default=True, type=float, help="Draw only predictions scoring at least this.")
+@click.argument("pred")
+@click.argument("out_dir")
+@user_errors
+def render_cmd(pred: str, out_dir: str, images: str | None, limit: int, min_score: float) -> None:
+    """Draw predictions (boxes, masks, keypoints) on their images as PNGs."""
+    from pipeline.data.render import render_predictions
+
+    paths = render_predictions(pred, out_dir, images=images, limit=limit, min_score=min_score)
+    click.echo(f"wrote {len(paths)} picture(s) to {out_dir}")
