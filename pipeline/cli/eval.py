@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import click
 
@@ -52,8 +53,8 @@ def eval_errors(fn):
     "--iou-type",
     "iou_types",
     multiple=True,
-    type=click.Choice(IOU_TYPES),
-    help="What to evaluate (repeatable). Default: bbox.",
+    type=click.Choice([*IOU_TYPES, "proposals"]),
+    help="What to evaluate (repeatable). Default: bbox. proposals: recall AR@100/300/1000 of a proposals stage.",
 )
 @click.option("--out", "out_dir", help="Folder for metrics.json and pr_<iou_type>.png.")
 @click.option("--no-state", is_flag=True, help="Recompute every shard; neither read nor write PRED/eval/ state.")
@@ -82,9 +83,21 @@ def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -
     from pipeline.eval.driver import evaluate
     from pipeline.eval.report import per_category_rows, summary_rows
 
-    metrics = evaluate(
-        list(pred), gt, list(iou_types) or ["bbox"], out_dir, method=method, use_state=not no_state, use_ray=use_ray
-    )
+    iou_types = list(iou_types) or ["bbox"]
+    recall = None
+    if "proposals" in iou_types:
+        iou_types.remove("proposals")
+        recall = _proposal_recall(list(pred), gt, out_dir, as_json=as_json)
+        if not iou_types:
+            return
+    metrics = evaluate(list(pred), gt, iou_types, out_dir, method=method, use_state=not no_state, use_ray=use_ray)
+    if recall is not None and out_dir:  # one metrics.json for everything asked
+        path = os.path.join(out_dir, "metrics.json")
+        with open(path, encoding="utf-8") as f:
+            merged = json.load(f)
+        merged["proposals"] = recall
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=2)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -106,6 +119,26 @@ def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -
         _report_skips(c["skipped"])
     if out_dir:
         click.echo(f"metrics: {out_dir.rstrip('/')}/metrics.json  curves: {out_dir.rstrip('/')}/pr_<iou_type>.png")
+
+
+def _proposal_recall(pred: list[str], gt: str, out_dir: str | None, *, as_json: bool) -> dict:
+    from pipeline.eval.proposals import evaluate_proposals
+
+    if len(pred) != 1:
+        raise click.UsageError("--iou-type proposals takes one prediction dataset")
+    recall = evaluate_proposals(pred[0], gt)
+    if as_json:
+        click.echo(json.dumps({"proposals": recall}, indent=2))
+    else:
+        click.echo("\nproposals (class-agnostic recall, IoU 0.50:0.95)")
+        print_table([(k, f"{v:.3f}") for k, v in recall.items() if k != "counts"], header=("metric", "value"))
+        c = recall["counts"]
+        click.echo(f"{c['images']} images ({c['images_with_proposals']} with proposals), {c['proposals']} proposals, {c['skipped']} skipped")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({"proposals": recall}, f, indent=2)
+    return recall
 
 
 eval = eval_cmd  # noqa: A001 - the command is called "eval"; this name is what the CLI registers
