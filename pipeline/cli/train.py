@@ -35,9 +35,9 @@ def train(train_file: str, overrides: tuple[str, ...], address: str | None) -> N
 def _validate(data: dict, source: str, model):
     from pydantic import ValidationError
 
-    from pipeline.config.load import ConfigError, _format
+    from pipeline.config.load import ConfigError, format_errors
 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid training spec:\n  " + "\n  ".join(_format(exc, prefix=""))) from exc
+        raise ConfigError(f"{source}: invalid training spec:\n  " + "\n  ".join(format_errors(exc, prefix=""))) from exc

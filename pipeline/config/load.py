@@ -133,7 +133,7 @@ def validate(data: dict, source: str) -> JobSpec:
             try:
                 spec = spec_cls.model_validate(raw)
             except ValidationError as exc:
-                problems.extend(_format(exc, prefix=f"{where} ({raw['name']})"))
+                problems.extend(format_errors(exc, prefix=f"{where} ({raw['name']})"))
                 continue
             if spec.name in seen:
                 problems.append(f"{where}.name: duplicate stage name {spec.name!r}")
@@ -147,14 +147,14 @@ def validate(data: dict, source: str) -> JobSpec:
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = _format(exc, prefix="", skip_stages=bool(problems)) + problems
+        problems = format_errors(exc, prefix="", skip_stages=bool(problems)) + problems
         job = None
     if problems or job is None:
         raise ConfigError(f"{source}: invalid job spec:\n  " + "\n  ".join(problems))
     return job
 
 
-def _format(exc: ValidationError, prefix: str, skip_stages: bool = False) -> list[str]:
+def format_errors(exc: ValidationError, prefix: str, skip_stages: bool = False) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])

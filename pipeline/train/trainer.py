@@ -22,7 +22,15 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.config.load import ConfigError
-from pipeline.data.shards import DatasetError, iter_shard, list_shards, read_meta, read_shard, shard_rows, shard_schema
+from pipeline.data.shards import (
+    DatasetError,
+    iter_shard,
+    list_shards,
+    read_meta,
+    read_shard,
+    shard_rows,
+    shard_schema,
+)
 from pipeline.models.registry import check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, train_loop

@@ -16,8 +16,16 @@ import torch
 
 from pipeline import schema
 from pipeline.data.decode import decode_batch
+from pipeline.data.shards import (
+    DatasetMeta,
+    iter_shard,
+    join,
+    list_shards,
+    read_meta,
+    write_meta,
+    write_shard,
+)
 from pipeline.engine.actor import StageActor
-from pipeline.data.shards import DatasetMeta, iter_shard, join, list_shards, read_meta, write_meta, write_shard
 from pipeline.models.registry import get_entry
 from pipeline.train.spec import TrainSpec
 
