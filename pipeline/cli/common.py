@@ -9,9 +9,10 @@ import click
 from pipeline.config.load import ConfigError
 from pipeline.data.importers import DataImportError
 from pipeline.data.shards import DatasetError
+from pipeline.eval.params import EvalInputError
 from pipeline.models.weights import WeightsError
 
-USER_ERRORS = (ConfigError, DataImportError, DatasetError, WeightsError)
+USER_ERRORS = (ConfigError, DataImportError, DatasetError, EvalInputError, WeightsError)
 
 
 def user_errors(fn):

@@ -9,15 +9,13 @@ Register with::
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import click
 
 from pipeline.cli.common import print_table, user_errors
-from pipeline.eval.params import IOU_TYPES, EvalInputError
-
+from pipeline.eval.params import IOU_TYPES
 
 SKIP_REASONS = {
     "error_rows": "prediction rows with an error (image not processed; its GT counts as missed)",
@@ -31,19 +29,6 @@ SKIP_REASONS = {
 def _report_skips(skipped: dict) -> None:
     for reason, n in skipped.items():
         click.echo(f"  skipped: {n} {SKIP_REASONS.get(reason, reason.replace('_', ' '))}", err=True)
-
-
-def eval_errors(fn):
-    """Bad predictions / ground truth are user errors: one clear line naming the record."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EvalInputError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
 
 
 @click.command("eval")
@@ -73,7 +58,6 @@ def eval_errors(fn):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json content instead of tables.")
 @user_errors
-@eval_errors
 def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -> None:
     """COCO evaluation of predictions against ground truth.
 
@@ -149,7 +133,6 @@ eval = eval_cmd  # noqa: A001 - the command is called "eval"; this name is what 
 @click.argument("out")
 @click.option("--as-dataset", is_flag=True, help="Write a full COCO dataset (images, categories, annotations) instead of a results list.")
 @user_errors
-@eval_errors
 def export_coco_cmd(pred: str, out: str, as_dataset: bool) -> None:
     """Export predictions as COCO results JSON (or a COCO dataset).
 

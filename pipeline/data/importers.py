@@ -7,7 +7,6 @@ every image the user named is accounted for, and the job later reports it as an 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline import schema
+from pipeline.data.coco_file import int_id, read_coco_file
 from pipeline.data.shards import DatasetMeta, ShardWriter, write_meta
 
 EXIF_ORIENTATION = 0x0112
@@ -50,16 +50,7 @@ def _read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
 
 
 def _int_id(value, what: str) -> int:
-    """COCO ids are ints; some real files write them as numeric strings ("2299")."""
-    if isinstance(value, bool):
-        raise DataImportError(f"{what} {value!r} is not an integer id")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise DataImportError(f"{what} {value!r} is not an integer id")
+    return int_id(value, what, DataImportError)
 
 
 def _segmentation(seg, height: int, width: int, where: str) -> dict | None:
@@ -100,13 +91,7 @@ def coco_annotation_to_row(ann: dict, height: int, width: int) -> dict:
 
 def import_coco(images_dir: str, annotations_file: str, out: str, *, rows_per_shard: int = 1000) -> dict:
     """Import a COCO annotations file and its image folder. Returns counts and per-image errors."""
-    try:
-        with open(annotations_file, encoding="utf-8") as f:
-            coco = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataImportError(f"cannot read COCO annotations file {annotations_file}: {exc}") from exc
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise DataImportError(f"{annotations_file}: not a COCO annotations file (no 'images' list)")
+    coco = read_coco_file(annotations_file, DataImportError)
 
     images = sorted(coco["images"], key=lambda im: _int_id(im["id"], "image id"))
     by_image: dict[int, list[dict]] = defaultdict(list)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema
+from pipeline.data import coco_file
 from pipeline.data.shards import list_shards, read_meta, read_shard, shard_schema
 from pipeline.eval.params import EvalInputError
 
@@ -35,16 +36,7 @@ GT_COLUMNS = [schema.IMAGE_ID, schema.WIDTH, schema.HEIGHT, schema.ANNOTATIONS]
 
 
 def int_id(value, what: str) -> int:
-    """COCO ids are ints; some real files write them as numeric strings ("2299")."""
-    if isinstance(value, (bool, np.bool_)):
-        raise EvalInputError(f"{what} {value!r} is not an integer id")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise EvalInputError(f"{what} {value!r} is not an integer id")
+    return coco_file.int_id(value, what, EvalInputError)
 
 
 @dataclass
@@ -216,13 +208,7 @@ def _int_field(flat: pa.StructArray, name: str, missing: int) -> np.ndarray:
 
 
 def _from_coco_file(path: str, *, segm: bool, keypoints: bool) -> GroundTruth:
-    try:
-        with open(path, encoding="utf-8") as f:
-            coco = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvalInputError(f"cannot read COCO annotations file {path}: {exc}") from exc
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise EvalInputError(f"{path}: not a COCO annotations file (no 'images' list)")
+    coco = coco_file.read_coco_file(path, EvalInputError)
     images = [
         (int_id(im["id"], "image id"), int(im.get("height", -1) or -1), int(im.get("width", -1) or -1))
         for im in coco["images"]
