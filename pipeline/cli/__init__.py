@@ -7,6 +7,7 @@ import click
 from pipeline import __version__
 from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd, export_coco_cmd
+from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.run import run
 from pipeline.cli.train import train
 
@@ -21,4 +22,6 @@ main.add_command(data)
 main.add_command(run)
 main.add_command(eval_cmd)
 main.add_command(train)
+main.add_command(submit)
+main.add_command(jobs)
 data.add_command(export_coco_cmd)

@@ -9,17 +9,27 @@ import click
 from pipeline.cli.common import print_table, user_errors
 
 
+def job_options(fn):
+    """Options ``run`` and ``submit`` share: what to run on, and spec overrides."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. stages.detect.score_threshold=0.3 (repeatable).")(fn)
+    fn = click.option("--output", "output_path", help="Output folder (overrides the spec's output).")(fn)
+    fn = click.option("--input", "input_path", help="Input dataset (overrides the spec's input).")(fn)
+    return fn
+
+
 @click.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--input", "input_path", help="Input dataset (overrides the spec's input).")
-@click.option("--output", "output_path", help="Output folder (overrides the spec's output).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. stages.detect.score_threshold=0.3 (repeatable).")
-@click.option("--address", help="Join this Ray cluster (e.g. auto, 127.0.0.1:6379) instead of embedded local Ray.")
+@job_options
+@click.option("--address", help="Join this Ray cluster (e.g. auto, 127.0.0.1:6379) instead of embedded local Ray; the job then waits for the cluster's coordinator to admit it.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: keep the output shards already written, do the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in the output folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print it resolved; run nothing.")
+@click.option("--job-id", help="Record the run under this id (set by pipeline submit).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Queue priority on a cluster (higher runs first).")
+@click.option("--max-running", type=int, default=1, show_default=True, help="Jobs a new cluster coordinator runs at once (used when it is first created).")
 @user_errors
-def run(job_file, input_path, output_path, overrides, address, overwrite, no_progress, dry_run) -> None:
+def run(job_file, input_path, output_path, overrides, address, resume, overwrite, no_progress, dry_run, job_id, priority, max_running) -> None:
     """Run a job spec: read shards, decode, run stages, write predictions.
 
     JOB_FILE is a YAML job spec (see jobs/README.md).
@@ -31,9 +41,54 @@ def run(job_file, input_path, output_path, overrides, address, overwrite, no_pro
     if dry_run:
         click.echo(json.dumps(dump(job), indent=2))
         return
-    from pipeline.engine.runner import run_job
+    from pipeline.engine.runner import error_message, run_job
 
-    summary = run_job(job, source=job_file, overwrite=overwrite, progress=not no_progress)
+    cluster = None
+    if job.ray.address:  # on a cluster, jobs queue through the coordinator and report to it
+        from pipeline.coordinator.driver import ClusterJob
+        from pipeline.coordinator.submit import new_job_id
+
+        job_id = job_id or new_job_id(job.name)
+        cluster = _LazyClusterJob(ClusterJob, job_id, priority, max_running)
+    try:
+        summary = run_job(
+            job,
+            source=job_file,
+            overwrite=overwrite,
+            resume=resume,
+            progress=not no_progress,
+            job_id=job_id,
+            admit=cluster.admit if cluster else None,
+            on_event=cluster.on_event if cluster else None,
+        )
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed job: one clear line, finished shards kept
+        from pipeline.config.load import ConfigError
+
+        if isinstance(exc, ConfigError):
+            raise
+        raise click.ClickException(
+            f"job {job.name} failed: {error_message(exc)}\n"
+            f"finished shards are kept in {job.output}; fix the cause and rerun with --resume"
+        ) from exc
     click.echo("")
     print_table([(k, v) for k, v in summary.items()])
     click.echo(f"predictions: {job.output}  (summary and resolved spec in {job.output.rstrip('/')}/job.json)")
+
+
+class _LazyClusterJob:
+    """Builds the ClusterJob once Ray is connected (run_job connects, then asks for admission)."""
+
+    def __init__(self, cls, job_id: str, priority: int, max_running: int):
+        self.args = (cls, job_id, priority, max_running)
+        self.job = None
+
+    def admit(self, record: dict) -> None:
+        cls, job_id, priority, max_running = self.args
+        self.job = cls(job_id, priority=priority, max_running=max_running)
+        self.job.admit(record)
+
+    def on_event(self, state: str, record: dict) -> None:
+        if self.job is not None:
+            self.job.on_event(state, record)

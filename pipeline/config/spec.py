@@ -31,6 +31,9 @@ class StageSpec(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractional shares a GPU")
     pool_size: PositiveInt = Field(1, description="actors in this stage's pool")
     threads: PositiveInt | None = Field(None, description="torch threads per actor (default: ceil(num_cpus))")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per actor, e.g. {gpu_node: 1} to pin a stage to labelled nodes"
+    )
 
     def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
         """Keyword arguments for the stage class; ``categories`` are the input dataset's."""
@@ -70,3 +73,8 @@ class JobSpec(Strict):
         "(auto: bbox/segm/keypoints for whatever the stages write; [] for none)",
     )
     ray: RaySpec = Field(default_factory=RaySpec)
+    stage_failure_limit: int = Field(
+        32,
+        ge=0,
+        description="fail the job when a stage raises on this many rows in a row (a broken stage, not a bad image); 0: never",
+    )

@@ -4,6 +4,10 @@ A stage only ever sees rows that decoded fine and that earlier stages did not fa
 raises on a batch, the batch is retried row by row so one bad image cannot take its neighbours
 down; a row that still fails gets ``error = "<stage>: <exception>"``. The output always has the
 same rows as the input, with the stage's declared columns (null for error rows).
+
+A stage that fails on ``failure_limit`` rows in a row is broken (a bad checkpoint, a bug, an
+out-of-memory device), not fed bad images: then the actor raises :class:`StageFailed` and the job
+fails with that error, keeping the shards it finished, instead of writing a dataset of error rows.
 """
 
 from __future__ import annotations
@@ -16,9 +20,23 @@ import pyarrow.compute as pc
 from pipeline import schema
 
 
+class StageFailed(RuntimeError):
+    pass
+
+
 class StageActor:
-    def __init__(self, *, stage_name: str, stage_cls: type, stage_kwargs: dict, drop_columns: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        *,
+        stage_name: str,
+        stage_cls: type,
+        stage_kwargs: dict,
+        drop_columns: tuple[str, ...] = (),
+        failure_limit: int = 0,
+    ):
         self.name = stage_name
+        self.failure_limit = failure_limit
+        self.failures_in_a_row = 0
         self.stage = stage_cls(**stage_kwargs)
         # A stage's columns can depend on its configuration (output_prefix, boxes_column).
         self.writes: dict[str, pa.DataType] = dict(getattr(self.stage, "writes", stage_cls.writes))
@@ -35,7 +53,9 @@ class StageActor:
 
     def _run(self, rows: pa.Table) -> pa.Table:
         try:
-            return self.stage(rows)
+            out = self.stage(rows)
+            self.failures_in_a_row = 0
+            return out
         except Exception as exc:  # noqa: BLE001 - any stage failure becomes an error row, never a lost row
             if rows.num_rows > 1:
                 return pa.concat_tables(
@@ -45,6 +65,12 @@ class StageActor:
             last = traceback.extract_tb(exc.__traceback__)[-1:]
             if last:
                 reason += f" (at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})"
+            self.failures_in_a_row += 1
+            if self.failure_limit and self.failures_in_a_row >= self.failure_limit:
+                raise StageFailed(
+                    f"stage {self.name} failed on {self.failures_in_a_row} rows in a row "
+                    f"(stage_failure_limit); last error: {reason}"
+                ) from exc
             errors = pa.array([reason], pa.string())
             rows = rows.set_column(rows.column_names.index(schema.ERROR), schema.ERROR, errors)
             return self._with_null_outputs(rows)

@@ -10,16 +10,25 @@ The plan, in data-flow order (``build_plan``)::
 
 Why the driver writes: output shard ``OUT/part-00007.parquet`` holds exactly the rows of input
 shard ``part-00007.parquet``, deduplicated by their row index, so names are deterministic, a row
-is never written twice even if Ray retries a task, and finished shards can be skipped on resume.
+is never written twice even if Ray retries a task or restarts an actor, and finished shards are
+skipped on resume (``resume=True``: a shard whose output exists with all its rows is not read).
 Only prediction columns travel to the driver (no pixels, no image bytes).
+
+The job's record, ``OUTPUT/job.json`` (spec, state, timings, counts, metrics), is written when the
+job starts and rewritten when it ends (succeeded / failed / cancelled); ``on_event`` lets a caller
+(the cluster coordinator) follow the same states and the progress in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import posixpath
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -37,6 +46,7 @@ from pipeline.data.shards import (
     join,
     list_shards,
     read_meta,
+    read_shard,
     resolve,
     shard_rows,
     write_meta,
@@ -45,6 +55,7 @@ from pipeline.data.shards import (
 from pipeline.engine.actor import StageActor
 
 
+JOB_JSON = "job.json"
 SHARD = "_shard"  # in-flight: index of the input shard a row came from
 ROW = "_row"  # in-flight: row index within that shard (the dedup key)
 READ_COLUMNS = [schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.IMAGE, schema.ERROR]
@@ -53,6 +64,13 @@ READ_SCHEMA = pa.schema([schema.IMAGE_SCHEMA.field(c) for c in READ_COLUMNS])
 
 class JobError(RuntimeError):
     pass
+
+
+class JobCancelled(RuntimeError):
+    """Raised in the driver when the job is stopped (SIGTERM from ``pipeline jobs cancel``)."""
+
+# Spec keys that change how fast a job runs but not what it writes: a resumed run may differ in them.
+RESOURCE_KEYS = {"batch_size", "num_cpus", "num_gpus", "pool_size", "threads", "resources"}
 
 
 @dataclass
@@ -64,10 +82,19 @@ class Plan:
     rows_per_shard: list[int]
     meta: DatasetMeta
     stage_kwargs: list[dict] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)  # shards already in the output (resume)
+
+    @property
+    def pending(self) -> list[int]:
+        return [i for i in range(len(self.shards)) if i not in self.finished]
 
 
-def preflight(job: JobSpec, source: str, *, overwrite: bool = False) -> Plan:
-    """Every check that can fail before Ray starts or any image is read."""
+def preflight(job: JobSpec, source: str, *, overwrite: bool = False, resume: bool = False) -> Plan:
+    """Every check that can fail before Ray starts or any image is read.
+
+    ``resume``: output shards that exist with all their rows are kept and not recomputed, provided
+    the output was written by the same stages (resource keys aside); anything else is refused.
+    """
     try:
         shards = list_shards(job.input)
     except DatasetError as exc:
@@ -79,13 +106,45 @@ def preflight(job: JobSpec, source: str, *, overwrite: bool = False) -> Plan:
         except Exception as exc:  # noqa: BLE001 - weights/model problems are reported as config errors
             raise ConfigError(f"{source}: stages.{i} ({stage.name}): {exc}") from exc
     existing = _existing_outputs(job.output)
-    if existing and not overwrite:
+    if existing and not (overwrite or resume):
         raise ConfigError(
             f"{source}: output: {job.output} already holds {len(existing)} shard(s); "
-            "choose another --output or pass --overwrite"
+            "pass --resume to continue that run, --overwrite to replace it, or choose another --output"
         )
     rows = [shard_rows(s) for s in shards]
-    return Plan(job, shards, rows, meta, [s.stage_kwargs(meta.categories) for s in job.stages])
+    plan = Plan(job, shards, rows, meta, [s.stage_kwargs(meta.categories) for s in job.stages])
+    if resume and existing and not overwrite:
+        _check_same_work(job, source)
+        done = {posixpath.basename(p): shard_rows(p) for p in existing}
+        plan.finished = {i for i, s in enumerate(shards) if done.get(posixpath.basename(s)) == rows[i]}
+    return plan
+
+
+def row_affecting(spec: dict) -> dict:
+    """The parts of a dumped spec that decide the output rows (what resume compares)."""
+    stages = [{k: v for k, v in stage.items() if k not in RESOURCE_KEYS} for stage in spec.get("stages", [])]
+    return {"input": spec.get("input"), "decode": {k: v for k, v in spec.get("decode", {}).items() if k not in ("batch_size", "num_cpus")}, "stages": stages}
+
+
+def _check_same_work(job: JobSpec, source: str) -> None:
+    previous = read_record(job.output)
+    if previous is None or "spec" not in previous:
+        return  # shards without a record (e.g. copied by hand): their row counts were checked
+    before, now = row_affecting(previous["spec"]), row_affecting(dump(job))
+    if before != now:
+        diffs = _diff(before, now)
+        raise ConfigError(
+            f"{source}: --resume: {job.output} was written by a different job "
+            f"({'; '.join(diffs[:3])}); use --overwrite or another --output"
+        )
+
+
+def _diff(a, b, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _diff(a.get(k), b.get(k), f"{where}.{k}".lstrip("."))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{where}.{i}")]
+    return [] if a == b else [f"{where}: {a!r} then, {b!r} now"]
 
 
 def _existing_outputs(output: str) -> list[str]:
@@ -113,9 +172,8 @@ def build_plan(plan: Plan):
     import ray.data
 
     job = plan.job
-    ds = ray.data.from_items(
-        [{"shard_index": i} for i in range(len(plan.shards))], override_num_blocks=len(plan.shards)
-    )
+    pending = plan.pending
+    ds = ray.data.from_items([{"shard_index": i} for i in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         read_shard_rows,
         fn_kwargs={"shards": plan.shards, "batch_rows": job.read_batch_rows},
@@ -139,12 +197,14 @@ def build_plan(plan: Plan):
                 "stage_cls": stage.stage_class(),
                 "stage_kwargs": kwargs,
                 "drop_columns": (schema.PIXELS,) if last else (),
+                "failure_limit": job.stage_failure_limit,
             },
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=stage.pool_size),
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus,
+            **({"resources": stage.resources} if stage.resources else {}),
         )
     return ds
 
@@ -186,56 +246,151 @@ class ShardCollector:
         self.error_rows += table.num_rows - table[schema.ERROR].null_count
 
 
-def run_job(job: JobSpec, *, source: str = "<spec>", overwrite: bool = False, progress: bool = True) -> dict:
-    """Run ``job`` to completion and return its summary (also written to OUTPUT/job.json)."""
-    plan = preflight(job, source, overwrite=overwrite)
+def run_job(
+    job: JobSpec,
+    *,
+    source: str = "<spec>",
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    job_id: str | None = None,
+    admit: Callable[[dict], None] | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Run ``job`` to completion and return its summary (also in OUTPUT/job.json).
+
+    ``admit(record)``, if given, blocks until the job may start (the cluster coordinator's queue).
+    ``on_event(state, record)`` sees ``queued``, ``running``, ``progress`` (as shards finish) and the
+    final state (``succeeded``, ``failed``, ``cancelled``), each with the record so far.
+    """
+    plan = preflight(job, source, overwrite=overwrite, resume=resume)
     if overwrite:
         _remove_outputs(job.output)
+    record = {
+        "job_id": job_id,
+        "name": job.name,
+        "state": "queued",
+        "started": None,
+        "finished": None,
+        "output": job.output,
+        "shards": len(plan.shards),
+        "shards_skipped": len(plan.finished),
+        "rows_in": sum(plan.rows_per_shard),
+        "spec": dump(job),
+    }
+    emit = _emitter(job, record, on_event)
     started = time.time()
-    started_ray = _ensure_ray(job)
+    started_ray = False
+    stop = {"cancelled": False}
     try:
-        summary = execute(plan, progress=progress)
-        write_meta(
-            job.output,
-            DatasetMeta(
-                categories=plan.meta.categories,
-                info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
-                kind="predictions",
-            ),
-        )
-        summary.update(evaluate_output(job))
+        started_ray = _ensure_ray(job)
+        with _cancel_on_sigterm() as stop:  # after ray.init, which installs a SIGTERM handler of its own
+            if admit is not None:
+                emit("queued")
+                admit(record)
+            started = time.time()
+            emit("running", started=_now())
+            summary = execute(plan, progress=progress, on_shard=lambda done, rows: emit("progress", shards_done=done, rows_done=rows))
+            write_meta(
+                job.output,
+                DatasetMeta(
+                    categories=plan.meta.categories,
+                    info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
+                    kind="predictions",
+                ),
+            )
+            summary.update(evaluate_output(job))
+            # Reported before Ray shuts down: the coordinator is reached through this connection.
+            emit("succeeded", summary=summary, finished=_now(), elapsed_s=round(time.time() - started, 3))
+    except BaseException as exc:
+        cancelled = stop["cancelled"] or isinstance(exc, (JobCancelled, KeyboardInterrupt))
+        state = "cancelled" if cancelled else "failed"
+        emit(state, error=error_message(exc), finished=_now(), elapsed_s=round(time.time() - started, 3))
+        raise
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    _write_job_json(job, summary, started)
     return summary
 
 
-def execute(plan: Plan, *, progress: bool = True) -> dict:
-    """Stream the plan through Ray and write every output shard; returns the run's counts."""
+def error_message(exc: BaseException) -> str:
+    """One line for a failure: the root cause's message, without Ray's wrapped tracebacks."""
+    cause = exc
+    while True:
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    text = " ".join(line.strip() for line in str(cause).strip().splitlines())
+    return f"{type(cause).__name__}: {text[:500]}"
+
+
+def _emitter(job: JobSpec, record: dict, on_event) -> Callable[..., None]:
+    """Update the record, write job.json on state changes, and pass every event on."""
+
+    def emit(state: str, **fields) -> None:
+        if state != "progress":
+            record["state"] = state
+        record.update(fields)
+        if state != "progress":
+            write_record(job.output, record)
+        if on_event is not None:
+            try:
+                on_event(state, record)
+            except Exception as exc:  # noqa: BLE001 - a lost report must not fail the job itself
+                print(f"warning: could not report state {state!r}: {error_message(exc)}", flush=True)
+
+    return emit
+
+
+def execute(plan: Plan, *, progress: bool = True, on_shard: Callable[[int, int], None] | None = None) -> dict:
+    """Stream the plan's pending shards through Ray and write them; returns the run's counts.
+
+    ``on_shard(shards_done, rows_done)`` is called after each shard is written (skipped ones count
+    as done). Rows of skipped shards are counted from the output files, so ``rows_out`` always
+    covers the whole output.
+    """
     job = plan.job
     rows_in = sum(plan.rows_per_shard)
+    skipped_rows, skipped_errors = _count_finished(plan)
     collector = ShardCollector(plan)
     started = time.time()
     with _progress(rows_in, job.name, progress) as bar:
-        for batch in build_plan(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            bar.update(collector.add(batch))
-            bar.set_postfix(errors=collector.error_rows, shards=f"{len(collector.done)}/{len(plan.shards)}")
+        bar.update(skipped_rows)
+        if plan.pending:
+            for batch in build_plan(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+                written = len(collector.done)
+                bar.update(collector.add(batch))
+                bar.set_postfix(errors=collector.error_rows, shards=f"{len(collector.done) + len(plan.finished)}/{len(plan.shards)}")
+                if on_shard is not None and len(collector.done) > written:
+                    on_shard(len(collector.done) + len(plan.finished), collector.rows_out + skipped_rows)
     wall = time.time() - started
-    missing = [i for i in range(len(plan.shards)) if i not in collector.done]
+    missing = [i for i in plan.pending if i not in collector.done]
     if missing:
         raise JobError(f"{len(missing)} shard(s) did not complete: {', '.join(plan.shards[i] for i in missing[:5])}")
     return {
         "job": job.name,
         "rows_in": rows_in,
-        "rows_out": collector.rows_out,
-        "error_rows": collector.error_rows,
+        "rows_out": collector.rows_out + skipped_rows,
+        "error_rows": collector.error_rows + skipped_errors,
         "shards": len(plan.shards),
+        "shards_skipped": len(plan.finished),
         "images_per_s": round(collector.rows_out / wall, 3) if wall > 0 else None,
         "wall_s": round(wall, 3),
     }
+
+
+def _count_finished(plan: Plan) -> tuple[int, int]:
+    """(rows, error rows) of the output shards a resumed run keeps."""
+    rows = errors = 0
+    for i in sorted(plan.finished):
+        path = join(plan.job.output, posixpath.basename(plan.shards[i]))
+        table = read_shard(path, columns=[schema.ERROR])
+        rows += table.num_rows
+        errors += table.num_rows - table[schema.ERROR].null_count
+    return rows, errors
 
 
 def evaluate_output(job: JobSpec) -> dict:
@@ -264,18 +419,55 @@ def metric_types(job: JobSpec) -> list[str]:
     return [iou for column, iou in by_column.items() if column in written]
 
 
-def _write_job_json(job: JobSpec, summary: dict, started: float) -> None:
+def write_record(output: str, record: dict) -> None:
+    """Write ``OUTPUT/job.json`` atomically (readers never see half a record)."""
     import json
 
-    fs, root = resolve(job.output)
-    record = {
-        "summary": summary,
-        "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "spec": dump(job),
-    }
-    with fs.open_output_stream(posixpath.join(root, "job.json")) as f:
-        f.write(json.dumps(record, indent=2).encode("utf-8"))
+    fs, root = resolve(output)
+    fs.create_dir(root, recursive=True)
+    tmp = posixpath.join(root, f".job.json.tmp-{os.getpid()}")
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(record, indent=2, default=str).encode("utf-8"))
+    fs.move(tmp, posixpath.join(root, JOB_JSON))
+
+
+def read_record(output: str) -> dict | None:
+    """The job record in an output folder, or None if there is none."""
+    import json
+
+    fs, root = resolve(output)
+    try:
+        with fs.open_input_stream(posixpath.join(root, JOB_JSON)) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _cancel_on_sigterm():
+    """Turn SIGTERM (how Ray stops a submitted job) into JobCancelled, so the record says so.
+
+    Yields a dict whose ``"cancelled"`` flag is set by the signal: Ray Data may wrap the
+    exception on its way up, the flag survives that.
+    """
+    flag = {"cancelled": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["cancelled"] = True
+        raise JobCancelled("stopped by SIGTERM (pipeline jobs cancel)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _remove_outputs(output: str) -> None:
@@ -293,15 +485,18 @@ def _ensure_ray(job: JobSpec) -> bool:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images, not blocks
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a failed job reports the stage's error, not Ray's wrapper
     log_once("ray_data_progress_manager_disabled")  # mark Ray's "progress bars disabled" notice as shown
     if ray.is_initialized():
         return False
     if job.ray.address:
         # Ship this package's code with the job so cluster workers run the same version as the
-        # driver (their Python environment must still have the dependencies installed).
+        # driver (their Python environment must still have the dependencies installed). A job
+        # submitted through the Job API already carries it in its runtime_env.
         import pipeline
 
-        runtime_env = {"py_modules": [os.path.dirname(pipeline.__file__)]}
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        runtime_env = None if submitted else {"py_modules": [os.path.dirname(pipeline.__file__)]}
         ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # address="local": always a new embedded instance, never a cluster someone started here.

@@ -111,7 +111,10 @@ def build_model(
         if ckpt.get("categories"):
             categories = [{"label": c["label"], "name": c["name"]} for c in ckpt["categories"]]
     else:
-        model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes or 91, **kwargs)
+        # Seeded, so every actor of a pool and every (resumed) run builds the same random model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes or 91, **kwargs)
     return model.eval(), categories
 
 
