@@ -117,3 +117,7 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 # --- region proposals (written by the proposals stage, read by detect/masks in Fast R-CNN mode) -----
 PROPOSALS = "proposals"  # per row: N class-agnostic boxes, xyxy float32 (BOXES_TYPE), best first
 PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORES_TYPE)
+
+# --- style transfer (written by the style stage; `column` may rename it) ---------------------------
+STYLIZED = "stylized"  # per row: the restyled picture, encoded (JPEG or PNG bytes), EXIF orientation applied
+STYLIZED_TYPE = pa.binary()

@@ -9,6 +9,7 @@ from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd, export_coco_cmd
 from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.run import run
+from pipeline.cli.style import train_style
 from pipeline.cli.train import train
 
 
@@ -22,6 +23,7 @@ main.add_command(data)
 main.add_command(run)
 main.add_command(eval_cmd)
 main.add_command(train)
+main.add_command(train_style)
 main.add_command(submit)
 main.add_command(jobs)
 data.add_command(export_coco_cmd)

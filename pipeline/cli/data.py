@@ -96,3 +96,24 @@ def render_cmd(pred: str, out_dir: str, images: str | None, limit: int, min_scor
 
     paths = render_predictions(pred, out_dir, images=images, limit=limit, min_score=min_score)
     click.echo(f"wrote {len(paths)} picture(s) to {out_dir}")
+
+
+@data.command("export-images")
+@click.option("--column", default="stylized", show_default=True, help="Image column to write out (e.g. a style stage's).")
+@click.option("--images", "images", help="Dataset holding the originals for the contact sheet (default: the job's input).")
+@click.option("--sheet-limit", default=16, show_default=True, type=click.IntRange(min=0), help="Images on the contact sheet (0: no sheet).")
+@click.argument("pred")
+@click.argument("out_dir")
+@user_errors
+def export_images_cmd(pred: str, out_dir: str, column: str, images: str | None, sheet_limit: int) -> None:
+    """Write an image column (stylized) as files, plus a contact sheet.
+
+    Files are OUT_DIR/<image_id>_<name>.jpg|png; contact_sheet.png shows originals next to results.
+    """
+    from pipeline.data.export_images import export_images
+
+    result = export_images(pred, out_dir, column=column, images=images, sheet=sheet_limit > 0, sheet_limit=max(sheet_limit, 1))
+    click.echo(f"wrote {result['written']} image(s) to {out_dir} ({result['error_rows']} error rows and "
+               f"{result['empty_rows']} rows without {column} skipped)")
+    if result["sheet"]:
+        click.echo(f"contact sheet: {result['sheet']}")

@@ -17,6 +17,7 @@ from pipeline.stages.detect import DetectSpec
 from pipeline.stages.keypoints import KeypointsSpec
 from pipeline.stages.masks import MasksSpec
 from pipeline.stages.proposals import ProposalsSpec
+from pipeline.stages.style import StyleSpec
 
 STAGES: dict[str, type[StageSpec]] = {}
 
@@ -40,3 +41,4 @@ register(DetectSpec)
 register(MasksSpec)
 register(KeypointsSpec)
 register(ProposalsSpec)
+register(StyleSpec)
