@@ -33,10 +33,12 @@ def submit_errors(fn):
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first; equal priorities run in submission order.")
 @click.option("--max-running", type=int, default=None, help="Jobs the cluster's coordinator runs at once (only when it is first created; default 1).")
-@click.option("--job-id", help="Use this id instead of NAME-TIMESTAMP-XXXX (resubmitting an id resumes nothing: use a new one).")
+@click.option("--job-id", help="Use this id instead of NAME-TIMESTAMP-XXXX (ids are unique per cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace the output's shards (default: resume, skipping finished shards).")
+@click.option("--dry-run", is_flag=True, help="Validate and print what would be submitted; submit nothing.")
 @click.option("--wait", is_flag=True, help="Follow the job's logs until it ends; exit 1 unless it succeeded.")
 @submit_errors
-def submit(job_file, input_path, output_path, overrides, address, priority, max_running, job_id, wait) -> None:
+def submit(job_file, input_path, output_path, overrides, address, priority, max_running, job_id, overwrite, dry_run, wait) -> None:
     """Submit a job spec to a Ray cluster and print its id (last line).
 
     The spec is validated here, then sent with this package's code; on the cluster it runs as
@@ -46,8 +48,11 @@ def submit(job_file, input_path, output_path, overrides, address, priority, max_
 
     job_id = api.submit(
         job_file, address=address, input=input_path, output=output_path, overrides=overrides,
-        priority=priority, max_running=max_running, job_id=job_id,
+        priority=priority, max_running=max_running, job_id=job_id, overwrite=overwrite, dry_run=dry_run,
     )
+    if dry_run:
+        click.echo(json.dumps(job_id, indent=2))
+        return
     click.echo(f"submitted to {api.job_address(address)}; follow with: pipeline jobs logs {job_id} --follow", err=True)
     if wait:
         for chunk in api.follow_logs(job_id, address):

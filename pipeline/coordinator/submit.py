@@ -62,8 +62,14 @@ def submit(
     priority: int = 0,
     max_running: int | None = None,
     job_id: str | None = None,
-) -> str:
-    """Validate the spec, submit it, return the job id (the Ray submission id)."""
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> str | dict:
+    """Validate the spec, submit it, return the job id (the Ray submission id).
+
+    ``overwrite`` replaces the output's shards instead of resuming; ``dry_run`` returns what would
+    be submitted (``{"entrypoint", "spec", "metadata"}``) without contacting the cluster.
+    """
     import pipeline
 
     job = load_job(job_file, overrides=list(overrides), input=input, output=output)
@@ -74,8 +80,8 @@ def submit(
     with open(os.path.join(workdir, "job.yaml"), "w", encoding="utf-8") as f:
         f.write(f"# resolved from {job_file} by pipeline submit\n")
         yaml.safe_dump(spec, f, sort_keys=False)
-    command = ["python", "-m", "pipeline", "run", "job.yaml", "--address", "auto", "--resume", "--no-progress",
-               "--job-id", job_id, "--priority", str(priority)]
+    command = ["python", "-m", "pipeline", "run", "job.yaml", "--address", "auto",
+               "--overwrite" if overwrite else "--resume", "--no-progress", "--job-id", job_id, "--priority", str(priority)]
     if max_running is not None:
         command += ["--max-running", str(max_running)]
     runtime_env = {
@@ -84,6 +90,8 @@ def submit(
         "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"},
     }
     metadata = {"pipeline_job": job.name, "priority": str(priority), "input": job.input, "output": job.output}
+    if dry_run:
+        return {"entrypoint": shlex.join(command), "spec": spec, "metadata": metadata}
     c = client(address)
     deadline = time.time() + AGENT_WAIT_S
     while True:
