@@ -8,7 +8,10 @@ checkpoint and evaluation path is the same as for the big models:
 * backbone: 5 plain conv stages (strides 2..32; 32-48-64-96-128 channels, BatchNorm), no download;
 * FPN of 96 channels over strides 4, 8, 16, 32 plus a max-pooled level at 64;
 * anchors 8..128 px (the shapes are 10-70 px), RPN as in torchvision;
-* box head: two FC layers of 256; RoI batch 64 per image; mask head: 2 convs of 64.
+* box head: two FC layers of 256; RoI batch 32 per image; mask head: 2 convs of 64;
+* RoIAlign with one sample per bin (``sampling_ratio=1``): on a CPU its backward pass was a
+  quarter of a training step at 2 samples, and together with the RoI batch of 32 (instead of 64)
+  this trains 28% more images per second (7.2 -> 9.2 img/s, one thread, measured in one process).
 
 About 2.9M parameters; input images are resized to ``min_size`` (128 by default).
 """
@@ -67,8 +70,8 @@ def small_maskrcnn(
         raise ValueError("small_maskrcnn has no published weights; train it (pipeline train) and load the .pth by path")
     backbone = SmallBackboneFPN()
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-    mask_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=1)
+    mask_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=1)
     defaults = dict(
         min_size=min_size,
         max_size=max_size,
@@ -81,7 +84,7 @@ def small_maskrcnn(
         box_roi_pool=box_pool,
         box_head=TwoMLPHead(FPN_CHANNELS * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        box_batch_size_per_image=64,
+        box_batch_size_per_image=32,
         box_detections_per_img=50,
         mask_roi_pool=mask_pool,
         mask_head=MaskRCNNHeads(FPN_CHANNELS, (64, 64), 1),

@@ -86,6 +86,32 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
     return shards, categories, rows
 
 
+MATERIALIZE_BYTES = 2 * 1024**3  # training sets up to this size (encoded) are cached in the object store
+
+
+def _bytes_of(shards: list[str]) -> int:
+    from pipeline.data.shards import resolve
+
+    total = 0
+    for shard in shards:
+        fs, path = resolve(shard)
+        total += fs.get_file_info(path).size or 0
+    return total
+
+
+def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """The spec with local dataset, output and checkpoint paths made absolute (URIs untouched)."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or "://" in path or (path.lower() == "none"):
+            return path
+        return os.path.abspath(path)
+
+    return spec.model_copy(
+        update={"train": absolute(spec.train), "val": absolute(spec.val), "output": absolute(spec.output), "weights": absolute(spec.weights)}
+    )
+
+
 def read_training_rows(batch: pa.Table, *, shards: list[str]):
     """Ray Data UDF (generator): shard index -> rows with image bytes and annotations."""
     for index in batch["shard_index"].to_pylist():
@@ -102,7 +128,8 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
     from ray.train.torch import TorchTrainer
 
     shards, categories, rows = preflight(spec, source)
-    output = os.path.abspath(spec.output)
+    spec = with_absolute_paths(spec)  # workers run in another directory (Ray Train's artifacts dir)
+    output = spec.output
     os.makedirs(output, exist_ok=True)
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -112,8 +139,19 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
             # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     try:
+        # The dataset's executor runs in Ray Train's SplitCoordinator actor. Its progress bars,
+        # redrawn and shipped to this terminal many times a second, took half a CPU core there
+        # (as much as a training worker) on a 2-core machine.
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
         ds = ray.data.from_items([{"shard_index": i} for i in range(len(shards))], override_num_blocks=len(shards))
         ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
+        if _bytes_of(shards) <= MATERIALIZE_BYTES:
+            # Small enough to keep in the object store: read once, not once per epoch. It also
+            # spares the split coordinator from running the read plan every epoch, which on
+            # 2 CPU cores cost training throughput.
+            ds = ds.materialize()
         resources = {"CPU": spec.worker_num_cpus} | ({"GPU": spec.worker_num_gpus} if spec.worker_num_gpus else {})
         trainer = TorchTrainer(
             train_loop,

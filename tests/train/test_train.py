@@ -70,3 +70,16 @@ def test_bad_training_input_fails_before_training(shapes, tmp_path):
         preflight(spec_for(shapes, weights=str(other)), "t.yaml")
     with pytest.raises(ConfigError, match="val: dataset not found"):
         preflight(spec_for(shapes, val=str(tmp_path / "nope")), "t.yaml")
+
+
+def test_relative_paths_reach_workers_absolute(tmp_path, monkeypatch):
+    # Ray Train workers run in their own directory: a relative val path once failed after epoch 0.
+    from pipeline.train.trainer import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    spec = TrainSpec(name="t", train="data/train", val="data/val", output="out", weights="none")
+    fixed = with_absolute_paths(spec)
+    assert (fixed.train, fixed.val, fixed.output) == (str(tmp_path / "data/train"), str(tmp_path / "data/val"), str(tmp_path / "out"))
+    assert fixed.weights == "none"
+    remote = with_absolute_paths(spec.model_copy(update={"val": "s3://bucket/val", "weights": "ckpt/model.pth"}))
+    assert remote.val == "s3://bucket/val" and remote.weights == str(tmp_path / "ckpt/model.pth")
