@@ -130,6 +130,8 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             losses.append(float(loss.item()))
             step += 1
+        if stop and not losses:  # the budget ran out right at an epoch boundary: nothing new to report
+            break
         metrics = {
             "epoch": epoch,
             "step": step,
