@@ -7,12 +7,13 @@ import functools
 import click
 
 from pipeline.config.load import ConfigError
+from pipeline.coordinator.submit import SubmitError
 from pipeline.data.importers import DataImportError
 from pipeline.data.shards import DatasetError
 from pipeline.eval.params import EvalInputError
 from pipeline.models.weights import WeightsError
 
-USER_ERRORS = (ConfigError, DataImportError, DatasetError, EvalInputError, WeightsError)
+USER_ERRORS = (ConfigError, DataImportError, DatasetError, EvalInputError, SubmitError, WeightsError)
 
 
 def user_errors(fn):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
@@ -12,19 +11,6 @@ from pipeline.cli.common import print_table, user_errors
 from pipeline.cli.run import job_options
 
 ADDRESS_HELP = "Ray dashboard / Job API address (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
-
-
-def submit_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pipeline.coordinator.submit import SubmitError
-
-        try:
-            return fn(*args, **kwargs)
-        except SubmitError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return user_errors(wrapper)
 
 
 @click.command()
@@ -37,7 +23,7 @@ def submit_errors(fn):
 @click.option("--overwrite", is_flag=True, help="Replace the output's shards (default: resume, skipping finished shards).")
 @click.option("--dry-run", is_flag=True, help="Validate and print what would be submitted; submit nothing.")
 @click.option("--wait", is_flag=True, help="Follow the job's logs until it ends; exit 1 unless it succeeded.")
-@submit_errors
+@user_errors
 def submit(job_file, input_path, output_path, overrides, address, priority, max_running, job_id, overwrite, dry_run, wait) -> None:
     """Submit a job spec to a Ray cluster and print its id (last line).
 
@@ -74,7 +60,7 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@submit_errors
+@user_errors
 def list_cmd(address, as_json) -> None:
     """Jobs on the cluster, newest first: Ray status, pipeline state, rows done, metrics."""
     from pipeline.coordinator import submit as api
@@ -94,7 +80,7 @@ def list_cmd(address, as_json) -> None:
 @click.argument("job_id")
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full last record).")
-@submit_errors
+@user_errors
 def status_cmd(job_id, address, as_json) -> None:
     """One job: Ray status, pipeline state, counts, metrics, error."""
     from pipeline.coordinator import submit as api
@@ -114,7 +100,7 @@ def status_cmd(job_id, address, as_json) -> None:
 @click.argument("job_id")
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
-@submit_errors
+@user_errors
 def logs_cmd(job_id, address, follow) -> None:
     """The job driver's output (progress, records, errors)."""
     from pipeline.coordinator import submit as api
@@ -130,14 +116,14 @@ def logs_cmd(job_id, address, follow) -> None:
 @click.argument("job_id")
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the job has stopped.")
-@submit_errors
+@user_errors
 def cancel_cmd(job_id, address, wait) -> None:
     """Stop a job; the shards it finished stay valid (resume with pipeline run --resume)."""
     from pipeline.coordinator import submit as api
 
     if not api.cancel(job_id, address):
-        click.echo(f"{job_id} had already ended: {api.status(job_id, address)['status']}")
+        click.echo(f"{job_id} had already ended: {api.ray_status(job_id, address)}")
         return
-    while wait and api.status(job_id, address)["status"] not in api.TERMINAL:
+    while wait and (status := api.ray_status(job_id, address)) not in api.TERMINAL:
         time.sleep(1)
-    click.echo(f"{job_id}: {api.status(job_id, address)['status'] if wait else 'stop requested'}")
+    click.echo(f"{job_id}: {status if wait else 'stop requested'}")

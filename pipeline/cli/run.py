@@ -34,7 +34,7 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
 
     JOB_FILE is a YAML job spec (see jobs/README.md).
     """
-    from pipeline.config.load import dump, load_job
+    from pipeline.config.load import ConfigError, dump, load_job
 
     extra = list(overrides) + ([f"ray.address={address}"] if address else [])
     job = load_job(job_file, overrides=extra, input=input_path, output=output_path)
@@ -49,7 +49,7 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
         from pipeline.coordinator.submit import new_job_id
 
         job_id = job_id or new_job_id(job.name)
-        cluster = _LazyClusterJob(ClusterJob, job_id, priority, max_running)
+        cluster = ClusterJob(job_id, priority=priority, max_running=max_running)
     try:
         summary = run_job(
             job,
@@ -61,13 +61,9 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
             admit=cluster.admit if cluster else None,
             on_event=cluster.on_event if cluster else None,
         )
-    except click.ClickException:
-        raise
+    except ConfigError:
+        raise  # a spec problem found at preflight: user_errors prints it
     except Exception as exc:  # noqa: BLE001 - a failed job: one clear line, finished shards kept
-        from pipeline.config.load import ConfigError
-
-        if isinstance(exc, ConfigError):
-            raise
         raise click.ClickException(
             f"job {job.name} failed: {error_message(exc)}\n"
             f"finished shards are kept in {job.output}; fix the cause and rerun with --resume"
@@ -76,19 +72,3 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
     print_table([(k, v) for k, v in summary.items()])
     click.echo(f"predictions: {job.output}  (summary and resolved spec in {job.output.rstrip('/')}/job.json)")
 
-
-class _LazyClusterJob:
-    """Builds the ClusterJob once Ray is connected (run_job connects, then asks for admission)."""
-
-    def __init__(self, cls, job_id: str, priority: int, max_running: int):
-        self.args = (cls, job_id, priority, max_running)
-        self.job = None
-
-    def admit(self, record: dict) -> None:
-        cls, job_id, priority, max_running = self.args
-        self.job = cls(job_id, priority=priority, max_running=max_running)
-        self.job.admit(record)
-
-    def on_event(self, state: str, record: dict) -> None:
-        if self.job is not None:
-            self.job.on_event(state, record)

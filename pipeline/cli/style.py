@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.common import print_table, user_errors
+from pipeline.models.transformer_net import DEFAULT_VGG
 
 
 @click.command("train-style")
@@ -17,7 +18,7 @@ from pipeline.cli.common import print_table, user_errors
 @click.option("--style-size", type=click.IntRange(min=16), help="Downscale the style image to this longer side (default: as it is).")
 @click.option(
     "--vgg-weights",
-    default="VGG16_Weights.IMAGENET1K_V1",
+    default=DEFAULT_VGG,
     show_default=True,
     help="Loss network: a torchvision VGG16 weights name (torch hub cache, never downloaded), a .pth path, or 'none' (random, tests).",
 )

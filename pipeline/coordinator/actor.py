@@ -31,6 +31,7 @@ class Coordinator:
         self.queue = JobQueue(max_running=max_running, lease_s=lease_s)
         self.records: dict[str, dict] = {}
         self.records_dir = records_dir or default_records_dir()
+        self._saved_at = 0.0  # progress reports are snapshotted at most every 5 s
         self._load()
 
     # -- what drivers call -------------------------------------------------------------------
@@ -61,7 +62,7 @@ class Coordinator:
             if state not in ACTIVE:
                 self.queue.finish(job_id, state)
         self.records[job_id] = merged
-        if state != "progress" or time.time() - getattr(self, "_saved_at", 0) > 5:
+        if state != "progress" or time.time() - self._saved_at > 5:
             self._save()
 
     def heartbeat(self, job_id: str) -> None:

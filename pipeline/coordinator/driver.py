@@ -21,13 +21,15 @@ SUMMARY_FIELDS = (
 
 
 class ClusterJob:
-    """Admission and reporting for one job id; ``on_event`` plugs into :func:`run_job`."""
+    """Admission and reporting for one job id: ``admit`` and ``on_event`` plug into :func:`run_job`.
+
+    Built before Ray is connected; the coordinator is looked up in ``admit``, which ``run_job``
+    calls once connected. Events before that (``queued``) go to job.json only.
+    """
 
     def __init__(self, job_id: str, *, priority: int = 0, max_running: int = 1, heartbeat_s: float = 5.0, poll_s: float = 2.0):
-        from pipeline.coordinator.actor import get_coordinator
-
-        self.job_id, self.priority = job_id, priority
-        self.coordinator = get_coordinator(max_running=max_running)
+        self.job_id, self.priority, self.max_running = job_id, priority, max_running
+        self.coordinator = None
         self.heartbeat_s, self.poll_s = heartbeat_s, poll_s
         self._stop = threading.Event()
         self._printed_at = 0.0
@@ -37,6 +39,9 @@ class ClusterJob:
         """Queue the job and block until the coordinator lets it run, saying where it stands."""
         import ray
 
+        from pipeline.coordinator.actor import get_coordinator
+
+        self.coordinator = get_coordinator(max_running=self.max_running)
         first = {k: record.get(k) for k in SUMMARY_FIELDS if k in record}
         first.update(submitted=first.get("submitted") or _now(), spec=record.get("spec"), priority=self.priority)
         ray.get(self.coordinator.enqueue.remote(self.job_id, self.priority, first))
@@ -58,6 +63,9 @@ class ClusterJob:
     def on_event(self, state: str, record: dict) -> None:
         import ray
 
+        if self.coordinator is None:
+            return
+
         fields = {k: record[k] for k in SUMMARY_FIELDS if k in record}
         fields["job_id"] = self.job_id
         if state != "progress" or time.time() - self._printed_at > 10:
@@ -66,9 +74,6 @@ class ClusterJob:
         ray.get(self.coordinator.update.remote(self.job_id, state, fields))
         if state not in ("queued", "running", "progress"):
             self._stop.set()
-
-    def close(self) -> None:
-        self._stop.set()
 
     def _start_heartbeats(self) -> None:
         def beat():

@@ -127,6 +127,11 @@ def status(job_id: str, address: str | None = None) -> dict:
     return _row(info, last_record(_logs(c, job_id)), full=True)
 
 
+def ray_status(job_id: str, address: str | None = None) -> str:
+    """Ray's status of the job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), without its logs."""
+    return _status(_info(client(address), job_id))
+
+
 def logs(job_id: str, address: str | None = None) -> str:
     c = client(address)
     _info(c, job_id)
@@ -155,9 +160,13 @@ def cancel(job_id: str, address: str | None = None) -> bool:
     """Stop the job's driver (SIGTERM, then SIGKILL after Ray's grace period)."""
     c = client(address)
     info = _info(c, job_id)
-    if str(info.status) in TERMINAL:
+    if _status(info) in TERMINAL:
         return False
     return bool(c.stop_job(job_id))
+
+
+def _status(info) -> str:
+    return str(info.status).split(".")[-1]  # "SUCCEEDED" whether Ray prints the enum's name or value
 
 
 def _info(c, job_id: str):
@@ -180,7 +189,7 @@ def _row(info, record: dict | None, full: bool = False) -> dict:
     row = {
         "job_id": info.submission_id,
         "name": info.metadata.get("pipeline_job", info.entrypoint[:40]),
-        "status": str(info.status).split(".")[-1],
+        "status": _status(info),
         "state": record.get("state", "-"),
         "priority": info.metadata.get("priority", "-"),
         "rows": f"{record.get('rows_done', summary.get('rows_out', 0)) or 0}/{record.get('rows_in', '?')}",

@@ -54,7 +54,6 @@ from pipeline.data.shards import (
 )
 from pipeline.engine.actor import StageActor
 
-
 JOB_JSON = "job.json"
 SHARD = "_shard"  # in-flight: index of the input shard a row came from
 ROW = "_row"  # in-flight: row index within that shard (the dedup key)
@@ -331,10 +330,9 @@ def _emitter(job: JobSpec, record: dict, on_event) -> Callable[..., None]:
     """Update the record, write job.json on state changes, and pass every event on."""
 
     def emit(state: str, **fields) -> None:
-        if state != "progress":
-            record["state"] = state
         record.update(fields)
         if state != "progress":
+            record["state"] = state
             write_record(job.output, record)
         if on_event is not None:
             try:

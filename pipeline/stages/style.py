@@ -36,6 +36,7 @@ from pipeline import schema
 from pipeline.config.spec import StageSpec
 from pipeline.data.decode import DecodeError, decode_image
 from pipeline.models.transformer_net import (
+    DEFAULT_VGG,
     PerceptualLoss,
     build_vgg,
     check_vgg_weights,
@@ -47,7 +48,6 @@ from pipeline.stages.common import batch_images
 
 Method = Literal["network", "optimize"]
 Format = Literal["jpeg", "png"]
-DEFAULT_VGG = "VGG16_Weights.IMAGENET1K_V1"
 OPTIMIZE_MIN_SIDE = 8  # VGG-16 max-pools three times before relu4_3
 
 

@@ -38,9 +38,12 @@ from pipeline.data.shards import (
     shard_rows,
     shard_schema,
 )
-from pipeline.models.transformer_net import TransformerNet, build_vgg, check_vgg_weights
-
-DEFAULT_VGG = "VGG16_Weights.IMAGENET1K_V1"
+from pipeline.models.transformer_net import (
+    DEFAULT_VGG,
+    TransformerNet,
+    build_vgg,
+    check_vgg_weights,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
