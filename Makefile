@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 # The demo's model: the small Mask R-CNN that `make model` trains (jobs/train_shapes.yaml), shipped
-# in the repo (conf/models/README.md). Delete the file and the demo trains it first (about 12 min).
+# in the repo (conf/models/README.md). Delete the file and the demo trains it first (about 11.5 min).
 MODEL := conf/models/small_maskrcnn_shapes.pth
 
 demo: $(STAMP) $(MODEL)

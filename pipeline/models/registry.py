@@ -7,6 +7,7 @@ name raises. torchvision's detection models are registered below under their tor
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,26 @@ def get_entry(name: str) -> ModelEntry:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+
+
+def unknown_kwargs(name: str, model: nn.Module, kwargs: dict) -> list[str]:
+    """Keys of ``kwargs`` that neither the builder nor ``model``'s constructors name.
+
+    torchvision's detection models pass unknown keyword arguments on to their transform, which
+    ignores them, so a misspelt ``box_batch_size_per_imag`` would train silently with the default.
+    """
+    builder = torchvision.models.get_model_builder(name) if name in torchvision.models.list_models() else get_entry(name).builder
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    functions = [builder, GeneralizedRCNNTransform.__init__]
+    functions += [c.__init__ for c in type(model).__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
+    named = {
+        p.name
+        for fn in functions
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    return sorted(set(kwargs) - named)
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:

@@ -31,9 +31,14 @@ STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"  # metrics of every epoch so far, carried from checkpoint to checkpoint
 
 
+def build_kwargs(spec: TrainSpec) -> dict:
+    """The builder's arguments besides weights and classes; checkpoints carry them for the stages."""
+    return {"min_size": spec.min_size, "max_size": spec.max_size, **spec.model_kwargs}
+
+
 def build_train_model(spec: TrainSpec, num_classes: int) -> torch.nn.Module:
     entry = get_entry(spec.model)
-    model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes, min_size=spec.min_size, max_size=spec.max_size)
+    model = entry.builder(weights=None, weights_backbone=None, num_classes=num_classes, **build_kwargs(spec))
     if spec.weights.lower() != "none":
         ckpt = load_checkpoint(spec.weights)
         check_state_dict(model, ckpt["model"], spec.weights, spec.model)
@@ -47,7 +52,7 @@ def checkpoint_payload(spec: TrainSpec, model: torch.nn.Module, categories: list
         "model_name": spec.model,
         "num_classes": len(categories) + 1,
         "categories": categories,  # [{"label", "id", "name"}]: label -> dataset category id
-        "build_kwargs": {"min_size": spec.min_size, "max_size": spec.max_size},
+        "build_kwargs": build_kwargs(spec),
     }
 
 

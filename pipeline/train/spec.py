@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
@@ -25,6 +25,11 @@ class TrainSpec(Strict):
     output: str = Field(description="folder for checkpoints, metrics.jsonl and model.pth")
     model: str = "small_maskrcnn"
     weights: str = Field("none", description="'none' (from scratch) or a checkpoint path to fine-tune")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more keyword arguments for the model's builder (e.g. fpn_channels, box_batch_size_per_image); "
+        "kept in the checkpoint so the stages build the same network",
+    )
     min_size: PositiveInt = Field(128, description="images are resized so their short side is this")
     max_size: PositiveInt = 160
     epochs: PositiveInt = 10

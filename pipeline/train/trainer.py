@@ -17,27 +17,26 @@ import json
 import os
 import shutil
 
-import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from pipeline import schema
 from pipeline.config.load import ConfigError
 from pipeline.data.shards import (
     DatasetError,
-    iter_shard,
     list_shards,
     read_meta,
     read_shard,
     shard_rows,
     shard_schema,
 )
-from pipeline.models.registry import check_state_dict, get_entry
+from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
-from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, train_loop
+from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, train_loop
+from pipeline.train.reader import read_training_rows
 from pipeline.train.spec import TrainSpec
 from pipeline.train.targets import label_categories
 
-TRAIN_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.ERROR]
 RUN_NAME = "ray-train"
 
 
@@ -70,14 +69,18 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         missing = {c["name"] for c in read_meta(spec.val).categories} - {c["name"] for c in categories}
         if missing:
             raise ConfigError(f"{source}: val: categories {sorted(missing)} are not in the training set")
-    if spec.weights.lower() != "none":
-        import torch
-
-        ckpt = load_checkpoint(spec.weights)
+    try:  # on the meta device: checks the builder's arguments without allocating the network
         with torch.device("meta"):
             model = get_entry(spec.model).builder(
-                weights=None, weights_backbone=None, num_classes=len(categories) + 1, min_size=spec.min_size, max_size=spec.max_size
+                weights=None, weights_backbone=None, num_classes=len(categories) + 1, **build_kwargs(spec)
             )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {spec.model_kwargs}: {exc}") from exc
+    unknown = unknown_kwargs(spec.model, model, spec.model_kwargs)
+    if unknown:
+        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {', '.join(unknown)}")
+    if spec.weights.lower() != "none":
+        ckpt = load_checkpoint(spec.weights)
         try:
             check_state_dict(model, ckpt["model"], spec.weights, spec.model)
         except Exception as exc:  # noqa: BLE001 - report as a spec error naming the key
@@ -110,14 +113,6 @@ def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
     return spec.model_copy(
         update={"train": absolute(spec.train), "val": absolute(spec.val), "output": absolute(spec.output), "weights": absolute(spec.weights)}
     )
-
-
-def read_training_rows(batch: pa.Table, *, shards: list[str]):
-    """Ray Data UDF (generator): shard index -> rows with image bytes and annotations."""
-    for index in batch["shard_index"].to_pylist():
-        for table in iter_shard(shards[index], 64, columns=TRAIN_COLUMNS):
-            table = schema.conform(table, pa.schema([schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS]))
-            yield table.filter(pc.is_null(table[schema.ERROR])).drop_columns([schema.ERROR])
 
 
 def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None) -> dict:

@@ -33,12 +33,14 @@ def spec_for(root, **extra) -> TrainSpec:
 
 def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
     """Two workers lower the loss and write a checkpoint a stage loads; a rerun resumes it."""
-    first = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=2))
+    # A non-default architecture: the checkpoint must carry it for the stage to rebuild the network.
+    first = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=2, model_kwargs={"fpn_channels": 48}))
     epochs = first["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert all("val_bbox_AP" in e and "val_segm_AP" in e for e in epochs)
     ckpt = torch.load(first["model"], weights_only=True)
+    assert ckpt["build_kwargs"] == {"min_size": 128, "max_size": 160, "fpn_channels": 48}
     assert ckpt["model_name"] == "small_maskrcnn" and [c["name"] for c in ckpt["categories"]] == ["circle", "rectangle", "triangle"]
     assert json.loads((tmp_path / "out" / "train.json").read_text())["model"] == first["model"]
 
@@ -48,7 +50,7 @@ def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
     assert len(out) == 6 and all(r["error"] is None and r["masks"] is not None for r in out)
 
     # Same output folder, one more epoch: Ray Train restores the run, the loop its state.
-    second = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=3))
+    second = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=3, model_kwargs={"fpn_channels": 48}))
     assert [e["epoch"] for e in second["epochs"]] == [0, 1, 2]
     last = second["epochs"][-1]
     assert last["resumed_from_epoch"] == 1
@@ -68,6 +70,8 @@ def test_bad_training_input_fails_before_training(shapes, tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}}, other)
     with pytest.raises(ConfigError, match="weights: .*does not fit model small_maskrcnn"):
         preflight(spec_for(shapes, weights=str(other)), "t.yaml")
+    with pytest.raises(ConfigError, match="model_kwargs: small_maskrcnn does not accept .*fpn_chanels"):
+        preflight(spec_for(shapes, model_kwargs={"fpn_chanels": 64}), "t.yaml")
     with pytest.raises(ConfigError, match="val: dataset not found"):
         preflight(spec_for(shapes, val=str(tmp_path / "nope")), "t.yaml")
 
