@@ -24,7 +24,7 @@ import torch
 from pipeline.models.registry import check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.spec import TrainSpec
-from pipeline.train.targets import row_to_sample
+from pipeline.train.targets import empty_sample, row_to_sample
 
 MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
@@ -34,6 +34,11 @@ HISTORY_FILE = "history.json"  # metrics of every epoch so far, carried from che
 def build_kwargs(spec: TrainSpec) -> dict:
     """The builder's arguments besides weights and classes; checkpoints carry them for the stages."""
     return {"min_size": spec.min_size, "max_size": spec.max_size, **spec.model_kwargs}
+
+
+def model_keypoints(model: torch.nn.Module) -> int:
+    """K of a Keypoint R-CNN (the channels of its keypoint logits)."""
+    return model.roi_heads.keypoint_predictor.kps_score_lowres.out_channels
 
 
 def build_train_model(spec: TrainSpec, num_classes: int) -> torch.nn.Module:
@@ -77,7 +82,9 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed + rank)
 
     model = build_train_model(spec, len(categories) + 1)
-    with_masks = get_entry(spec.model).task == "masks"
+    task = get_entry(spec.model).task
+    with_masks = task == "masks"
+    num_keypoints = model_keypoints(model) if task == "keypoints" else 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt_spec = spec.optimizer
     if opt_spec.name == "adamw":
@@ -101,21 +108,24 @@ def train_loop(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     device = next(core.parameters()).device
     steps_per_epoch = max(1, config["rows"] // (spec.batch_size * world))
-    total_steps = steps_per_epoch * spec.epochs
+    total_steps = min(steps_per_epoch * spec.epochs, spec.steps or math.inf)
     budget = spec.time_limit_minutes * 60 if spec.time_limit_minutes else None
     started = time.time() - elapsed_before
     shard = ray.train.get_dataset_shard("train")
+    # Stands in for a batch in which no image could be read: every worker must still step.
+    blank = empty_sample(spec.min_size, with_masks=with_masks, num_keypoints=num_keypoints)
 
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         losses: list[float] = []
-        stop = False
-        epoch_start = time.time()
+        stop, skipped = False, 0
+        epoch_start = window_start = time.time()
         for batch in shard.iter_batches(
             batch_size=spec.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * spec.batch_size,
             local_shuffle_seed=spec.seed + epoch * 1000 + rank, drop_last=True,
         ):
-            progress = (time.time() - started) / budget if budget else step / total_steps
+            # The schedule ends with whichever limit comes first: the time budget or the steps.
+            progress = max(step / total_steps, (time.time() - started) / budget if budget else 0.0)
             if world > 1:  # every worker must take the same number of steps, or DDP waits forever
                 flag = torch.tensor([1.0 if progress >= 1 else 0.0])
                 dist.all_reduce(flag)
@@ -125,7 +135,15 @@ def train_loop(config: dict) -> None:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = opt_spec.lr * lr_factor(step, progress, opt_spec.warmup_steps)
-            samples = [row_to_sample(r, label_of, with_masks=with_masks) for r in batch.to_pylist()]
+            samples = []
+            for row in batch.to_pylist():
+                try:
+                    samples.append(row_to_sample(row, label_of, with_masks=with_masks, num_keypoints=num_keypoints))
+                except Exception as exc:  # noqa: BLE001 - a corrupt image is skipped and counted, not fatal
+                    skipped += 1
+                    print(f"rank {rank}: skipping image {row['image_id']}: {type(exc).__name__}: {exc}", flush=True)
+            if not samples:
+                samples = [blank]
             images = [img.to(device) for img, _ in samples]
             targets = [{k: v.to(device) for k, v in t.items()} for _, t in samples]
             loss_dict = model(images, targets)
@@ -135,6 +153,20 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             losses.append(float(loss.item()))
             step += 1
+            if rank == 0 and step % spec.log_every_steps == 0:
+                window = losses[-spec.log_every_steps :]
+                rate = len(window) * spec.batch_size * world / max(1e-9, time.time() - window_start)
+                left = f", {max(0.0, budget - (time.time() - started)) / 60:.1f} min left" if budget else ""
+                print(
+                    f"epoch {epoch} step {step}/{total_steps}: loss {np.mean(window):.3f}, "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {rate:.1f} img/s{left}",
+                    flush=True,
+                )
+                window_start = time.time()
+        if world > 1:
+            total = torch.tensor([skipped])
+            dist.all_reduce(total)
+            skipped = int(total.item())
         if stop and not losses:  # the budget ran out right at an epoch boundary: nothing new to report
             break
         metrics = {
@@ -144,6 +176,7 @@ def train_loop(config: dict) -> None:
             "epoch_s": round(time.time() - epoch_start, 2),
             "images_per_s": round(len(losses) * spec.batch_size * world / max(1e-9, time.time() - epoch_start), 2),
             "resumed_from_epoch": resumed_from,
+            "skipped_images": skipped,  # rows whose image or annotations could not be read (all workers)
         }
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None

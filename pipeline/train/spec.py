@@ -33,6 +33,7 @@ class TrainSpec(Strict):
     min_size: PositiveInt = Field(128, description="images are resized so their short side is this")
     max_size: PositiveInt = 160
     epochs: PositiveInt = 10
+    steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps (the schedule fits it)")
     time_limit_minutes: PositiveFloat | None = Field(None, description="stop after this long (schedule fits it)")
     batch_size: PositiveInt = Field(8, description="images per step per worker")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -40,6 +41,7 @@ class TrainSpec(Strict):
     workers: PositiveInt = 1
     worker_num_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per training worker")
     worker_num_gpus: float = Field(0.0, ge=0)
+    log_every_steps: PositiveInt = Field(50, description="a progress line (loss, lr, images/s) every this many steps")
     threads: PositiveInt | None = Field(None, description="torch threads per worker (default: ceil(worker_num_cpus))")
 
     @field_validator("model")

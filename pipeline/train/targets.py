@@ -3,7 +3,8 @@
 * ``boxes``: float32 (N, 4) **xyxy** in pixels, from COCO's xywh ``bbox``;
 * ``labels``: int64 (N,), contiguous 1..K (0 is background) in the order of the dataset's
   category ids; :func:`label_categories` gives the mapping stored in checkpoints;
-* ``masks``: uint8 (N, H, W), decoded from RLE or polygons (only for mask models).
+* ``masks``: uint8 (N, H, W), decoded from RLE or polygons (only for mask models);
+* ``keypoints``: float32 (N, K, 3) x, y, visibility in COCO order (only for keypoint models).
 
 Crowd annotations and degenerate boxes (w or h < 1 px) are left out of training targets.
 """
@@ -36,10 +37,20 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-def row_to_sample(row: dict, label_of: dict[int, int], *, with_masks: bool) -> tuple[torch.Tensor, dict]:
+def annotation_keypoints(ann: dict, num_keypoints: int) -> np.ndarray:
+    """(K, 3) x, y, visibility; an annotation without keypoints has all K invisible (v = 0)."""
+    values = ann.get("keypoints")
+    if not values:
+        return np.zeros((num_keypoints, 3), np.float32)
+    if len(values) != 3 * num_keypoints:
+        raise ValueError(f"annotation {ann['id']} has {len(values) // 3} keypoints; the model predicts {num_keypoints}")
+    return np.asarray(values, np.float32).reshape(num_keypoints, 3)
+
+
+def row_to_sample(row: dict, label_of: dict[int, int], *, with_masks: bool, num_keypoints: int = 0) -> tuple[torch.Tensor, dict]:
     rgb = decode_image(row["image"])
     height, width = rgb.shape[:2]
-    boxes, labels, masks = [], [], []
+    boxes, labels, masks, keypoints = [], [], [], []
     for ann in row.get("annotations") or []:
         x, y, w, h = ann["bbox"]
         if ann.get("iscrowd") or w < 1 or h < 1:
@@ -50,11 +61,25 @@ def row_to_sample(row: dict, label_of: dict[int, int], *, with_masks: bool) -> t
         labels.append(label_of[ann["category_id"]])
         if with_masks:
             masks.append(annotation_mask(ann, height, width))
+        if num_keypoints:
+            keypoints.append(annotation_keypoints(ann, num_keypoints))
     target = {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
     if with_masks:
         target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+    if num_keypoints:
+        target["keypoints"] = torch.from_numpy(np.stack(keypoints)) if keypoints else torch.zeros((0, num_keypoints, 3))
     image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
     return image, target
+
+
+def empty_sample(size: int, *, with_masks: bool, num_keypoints: int = 0) -> tuple[torch.Tensor, dict]:
+    """A grey image with no objects: a valid training sample (all background)."""
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+    if with_masks:
+        target["masks"] = torch.zeros((0, size, size), dtype=torch.uint8)
+    if num_keypoints:
+        target["keypoints"] = torch.zeros((0, num_keypoints, 3))
+    return torch.full((3, size, size), 0.5), target

@@ -32,12 +32,55 @@ from pipeline.data.shards import (
 )
 from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
-from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, train_loop
+from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop
 from pipeline.train.reader import read_training_rows
 from pipeline.train.spec import TrainSpec
 from pipeline.train.targets import label_categories
 
 RUN_NAME = "ray-train"
+
+
+def _empty_images(shard: str, names: list[str]) -> list:
+    """Image ids of rows with no image bytes (rows that carry an import error are skipped anyway)."""
+    table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR) if c in names])
+    empty = pc.fill_null(pc.equal(pc.binary_length(table[schema.IMAGE]), 0), True)
+    if schema.ERROR in names:
+        empty = pc.and_(empty, pc.is_null(table[schema.ERROR]))
+    return table.filter(empty)[schema.IMAGE_ID].to_pylist()
+
+
+def _build_on_meta(spec: TrainSpec, categories: list[dict], source: str) -> torch.nn.Module:
+    """The network on the meta device: checks the builder's arguments without allocating it."""
+    try:
+        with torch.device("meta"):
+            model = get_entry(spec.model).builder(
+                weights=None, weights_backbone=None, num_classes=len(categories) + 1, **build_kwargs(spec)
+            )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {spec.model_kwargs}: {exc}") from exc
+    unknown = unknown_kwargs(spec.model, model, spec.model_kwargs)
+    if unknown:
+        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {', '.join(unknown)}")
+    return model
+
+
+def _check_annotations(flat, known: set[int], num_keypoints: int, shard: str, source: str) -> int:
+    """Raise on unknown categories or keypoint counts the model cannot learn; returns usable keypoints."""
+    if not len(flat):
+        return 0
+    unknown = set(pc.unique(pc.struct_field(flat, "category_id")).to_pylist()) - known
+    if unknown:
+        raise ConfigError(f"{source}: train: {shard} has annotations of unknown category ids {sorted(unknown)}")
+    if not num_keypoints:
+        return 0
+    lengths = pc.fill_null(pc.list_value_length(pc.struct_field(flat, "keypoints")), 0)
+    wrong = set(pc.unique(lengths).to_pylist()) - {0, 3 * num_keypoints}
+    if wrong:
+        raise ConfigError(
+            f"{source}: train: {shard} has annotations with {sorted(n // 3 for n in wrong)} keypoints; "
+            f"the model predicts {num_keypoints} (model_kwargs: {{num_keypoints: N}} changes it)"
+        )
+    return int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
 
 
 def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]:
@@ -49,18 +92,30 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
     categories = read_meta(spec.train).categories
     if not categories:
         raise ConfigError(f"{source}: train: {spec.train} has no categories in dataset.json; cannot train a detector")
+    model = _build_on_meta(spec, categories, source)
+    num_keypoints = model_keypoints(model) if get_entry(spec.model).task == "keypoints" else 0
     known = {int(c["id"]) for c in categories}
-    annotations = 0
+    annotations = with_keypoints = 0
     for shard in shards:
-        if schema.ANNOTATIONS not in shard_schema(shard).names:
+        names = shard_schema(shard).names
+        if schema.IMAGE not in names or schema.IMAGE_ID not in names:
+            raise ConfigError(f"{source}: train: {shard} has no {schema.IMAGE!r} or {schema.IMAGE_ID!r} column; is it an image dataset?")
+        empty = _empty_images(shard, names)
+        if empty:
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            raise ConfigError(
+                f"{source}: train: {shard} has empty images (image_id {', '.join(map(str, empty[:5]))}{more}); "
+                "drop those rows or re-import the dataset"
+            )
+        if schema.ANNOTATIONS not in names:
             continue
         flat = pc.list_flatten(read_shard(shard, columns=[schema.ANNOTATIONS])[schema.ANNOTATIONS])
         annotations += len(flat)
-        unknown = set(pc.unique(pc.struct_field(flat, "category_id")).to_pylist()) - known if len(flat) else set()
-        if unknown:
-            raise ConfigError(f"{source}: train: {shard} has annotations of unknown category ids {sorted(unknown)}")
+        with_keypoints += _check_annotations(flat, known, num_keypoints, shard, source)
     if annotations == 0:
         raise ConfigError(f"{source}: train: {spec.train} has no annotations to learn from")
+    if num_keypoints and with_keypoints == 0:
+        raise ConfigError(f"{source}: train: {spec.train} has no keypoints for {spec.model} to learn from")
     if spec.val:
         try:
             list_shards(spec.val)
@@ -69,16 +124,6 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         missing = {c["name"] for c in read_meta(spec.val).categories} - {c["name"] for c in categories}
         if missing:
             raise ConfigError(f"{source}: val: categories {sorted(missing)} are not in the training set")
-    try:  # on the meta device: checks the builder's arguments without allocating the network
-        with torch.device("meta"):
-            model = get_entry(spec.model).builder(
-                weights=None, weights_backbone=None, num_classes=len(categories) + 1, **build_kwargs(spec)
-            )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {spec.model_kwargs}: {exc}") from exc
-    unknown = unknown_kwargs(spec.model, model, spec.model_kwargs)
-    if unknown:
-        raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {', '.join(unknown)}")
     if spec.weights.lower() != "none":
         ckpt = load_checkpoint(spec.weights)
         try:

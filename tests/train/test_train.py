@@ -2,11 +2,12 @@
 
 import json
 
+import pyarrow as pa
 import pytest
 import torch
 
 from pipeline.config.load import ConfigError
-from pipeline.data.shards import list_shards, read_shard
+from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.data.decode import decode_batch
 from pipeline.engine.actor import StageActor
@@ -31,12 +32,32 @@ def spec_for(root, **extra) -> TrainSpec:
     return TrainSpec(**{**base, **extra})
 
 
+def with_corrupt_image(root, tmp_path) -> str:
+    """The training set with one row's image bytes replaced by bytes that are not an image."""
+    import shutil
+
+    out = tmp_path / "train-corrupt"
+    shutil.copytree(root / "train", out)
+    shard = list_shards(str(out))[-1]
+    table = read_shard(shard)
+    images = table["image"].to_pylist()
+    images[0] = b"not an image"
+    write_shard(shard, table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())))
+    return str(out)
+
+
 def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
     """Two workers lower the loss and write a checkpoint a stage loads; a rerun resumes it."""
+    train_set = with_corrupt_image(shapes, tmp_path)  # 24 rows: an epoch is 3 steps of 2 x 4, every row
     # A non-default architecture: the checkpoint must carry it for the stage to rebuild the network.
-    first = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=2, model_kwargs={"fpn_channels": 48}))
+    # steps=5 ends the first run in its second epoch.
+    first = train(spec_for(shapes, train=train_set, output=str(tmp_path / "out"), steps=5, model_kwargs={"fpn_channels": 48}))
     epochs = first["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1]
+    assert [e["step"] for e in epochs] == [3, 5]
+    # The corrupt row is skipped and counted, never fatal (epoch 1 stops after 2 of its 3 steps,
+    # so it may or may not read it again).
+    assert epochs[0]["skipped_images"] == 1 and epochs[1]["skipped_images"] in (0, 1)
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert all("val_bbox_AP" in e and "val_segm_AP" in e for e in epochs)
     ckpt = torch.load(first["model"], weights_only=True)
@@ -50,11 +71,11 @@ def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
     assert len(out) == 6 and all(r["error"] is None and r["masks"] is not None for r in out)
 
     # Same output folder, one more epoch: Ray Train restores the run, the loop its state.
-    second = train(spec_for(shapes, output=str(tmp_path / "out"), epochs=3, model_kwargs={"fpn_channels": 48}))
+    second = train(spec_for(shapes, train=train_set, output=str(tmp_path / "out"), epochs=3, model_kwargs={"fpn_channels": 48}))
     assert [e["epoch"] for e in second["epochs"]] == [0, 1, 2]
     last = second["epochs"][-1]
     assert last["resumed_from_epoch"] == 1
-    assert last["step"] == 3 * epochs[0]["step"]
+    assert last["step"] == 5 + 3
 
 
 def test_bad_training_input_fails_before_training(shapes, tmp_path):
@@ -72,6 +93,14 @@ def test_bad_training_input_fails_before_training(shapes, tmp_path):
         preflight(spec_for(shapes, weights=str(other)), "t.yaml")
     with pytest.raises(ConfigError, match="model_kwargs: small_maskrcnn does not accept .*fpn_chanels"):
         preflight(spec_for(shapes, model_kwargs={"fpn_chanels": 64}), "t.yaml")
+    empty = tmp_path / "empty"
+    synth_dataset(str(empty), images=3, seed=1)
+    table = read_shard(list_shards(str(empty))[0])
+    images = table["image"].to_pylist()
+    images[1] = b""
+    write_shard(list_shards(str(empty))[0], table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())))
+    with pytest.raises(ConfigError, match=r"has empty images \(image_id 2\)"):
+        preflight(spec_for(shapes, train=str(empty)), "t.yaml")
     with pytest.raises(ConfigError, match="val: dataset not found"):
         preflight(spec_for(shapes, val=str(tmp_path / "nope")), "t.yaml")
 
