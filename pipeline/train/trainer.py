@@ -30,6 +30,7 @@ from pipeline.data.shards import (
     shard_rows,
     shard_schema,
 )
+from pipeline.eval.detections import NUM_KEYPOINTS
 from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop
@@ -116,6 +117,11 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         raise ConfigError(f"{source}: train: {spec.train} has no annotations to learn from")
     if num_keypoints and with_keypoints == 0:
         raise ConfigError(f"{source}: train: {spec.train} has no keypoints for {spec.model} to learn from")
+    if spec.val and num_keypoints and num_keypoints != NUM_KEYPOINTS:
+        raise ConfigError(
+            f"{source}: val: keypoint AP uses COCO's OKS sigmas for its {NUM_KEYPOINTS} person keypoints, "
+            f"so a model with {num_keypoints} cannot be validated; leave val out"
+        )
     if spec.val:
         try:
             list_shards(spec.val)

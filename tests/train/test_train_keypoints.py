@@ -70,6 +70,8 @@ def test_keypoint_data_the_model_cannot_learn_fails_before_training(keypoint_sha
     synth_dataset(plain, images=2, seed=5)
     with pytest.raises(ConfigError, match="has no keypoints for keypointrcnn_resnet50_fpn to learn from"):
         preflight(spec_for(plain, str(tmp_path / "o")), "kp.yaml")
+    with pytest.raises(ConfigError, match="val: keypoint AP uses COCO's OKS sigmas .* a model with 3 cannot be validated"):
+        preflight(spec_for(keypoint_shapes, str(tmp_path / "o"), val=keypoint_shapes), "kp.yaml")
     two = str(tmp_path / "two")
     synth_dataset(two, images=2, seed=5)
     with_keypoints(two, k=2)
