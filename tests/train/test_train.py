@@ -11,6 +11,7 @@ from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.data.decode import decode_batch
 from pipeline.engine.actor import StageActor
+from pipeline.stages.detect import DetectStage
 from pipeline.stages.masks import MasksStage
 from pipeline.train.spec import TrainSpec
 from pipeline.train.trainer import preflight, train
@@ -69,6 +70,11 @@ def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
                        stage_kwargs={"model": "small_maskrcnn", "weights": first["model"], "score_threshold": 0.0})
     out = actor(decode_batch(read_shard(list_shards(str(shapes / "val"))[0]))).to_pylist()
     assert len(out) == 6 and all(r["error"] is None and r["masks"] is not None for r in out)
+    # The detection stage takes the same checkpoint (boxes only).
+    detect = StageActor(stage_name="detect", stage_cls=DetectStage, drop_columns=("pixels",),
+                        stage_kwargs={"model": "small_maskrcnn", "weights": first["model"], "score_threshold": 0.0})
+    boxes = detect(decode_batch(read_shard(list_shards(str(shapes / "val"))[0]))).to_pylist()
+    assert len(boxes) == 6 and all(r["error"] is None and r["boxes"] is not None and "masks" not in r for r in boxes)
 
     # Same output folder, one more epoch: Ray Train restores the run, the loop its state.
     second = train(spec_for(shapes, train=train_set, output=str(tmp_path / "out"), epochs=3, model_kwargs={"fpn_channels": 48}))
