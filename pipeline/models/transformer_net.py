@@ -43,8 +43,8 @@ ARCHITECTURE = "TransformerNet (pytorch/examples fast_neural_style)"
 LEGACY_KEY = re.compile(r"in\d+\.running_(mean|var)$")
 """InstanceNorm running statistics saved by PyTorch < 0.4; the example's ``stylize`` deletes them."""
 MIN_SIDE = 5
-DEFAULT_VGG = "VGG16_Weights.IMAGENET1K_V1"  # the loss network's weights: torchvision's name, from the hub cache
 """The first layer reflection-pads by 4 pixels, which needs at least 5 pixels per side."""
+DEFAULT_VGG = "VGG16_Weights.IMAGENET1K_V1"  # the loss network's weights: torchvision's name, from the hub cache
 
 
 # --- the transformation network: pytorch/examples fast_neural_style, unchanged -------------------

@@ -22,7 +22,7 @@ class TrainSpec(Strict):
     name: str
     train: str = Field(description="training dataset (shards with annotations)")
     val: str | None = Field(None, description="validation dataset; COCO AP is reported on it every epoch")
-    output: str = Field(description="folder for checkpoints, metrics.jsonl and model.pth")
+    output: str = Field(description="folder for checkpoints (ray-train/), train.json and model.pth")
     model: str = "small_maskrcnn"
     weights: str = Field("none", description="'none' (from scratch) or a checkpoint path to fine-tune")
     model_kwargs: dict[str, Any] = Field(

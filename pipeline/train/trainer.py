@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -27,6 +28,7 @@ from pipeline.data.shards import (
     list_shards,
     read_meta,
     read_shard,
+    resolve,
     shard_rows,
     shard_schema,
 )
@@ -41,9 +43,9 @@ from pipeline.train.targets import label_categories
 RUN_NAME = "ray-train"
 
 
-def _empty_images(shard: str, names: list[str]) -> list:
+def _empty_images(table: pa.Table) -> list:
     """Image ids of rows with no image bytes (rows that carry an import error are skipped anyway)."""
-    table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR) if c in names])
+    names = table.column_names
     empty = pc.fill_null(pc.equal(pc.binary_length(table[schema.IMAGE]), 0), True)
     if schema.ERROR in names:
         empty = pc.and_(empty, pc.is_null(table[schema.ERROR]))
@@ -101,7 +103,8 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         names = shard_schema(shard).names
         if schema.IMAGE not in names or schema.IMAGE_ID not in names:
             raise ConfigError(f"{source}: train: {shard} has no {schema.IMAGE!r} or {schema.IMAGE_ID!r} column; is it an image dataset?")
-        empty = _empty_images(shard, names)
+        table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR, schema.ANNOTATIONS) if c in names])
+        empty = _empty_images(table)
         if empty:
             more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
             raise ConfigError(
@@ -110,7 +113,7 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             )
         if schema.ANNOTATIONS not in names:
             continue
-        flat = pc.list_flatten(read_shard(shard, columns=[schema.ANNOTATIONS])[schema.ANNOTATIONS])
+        flat = pc.list_flatten(table[schema.ANNOTATIONS])
         annotations += len(flat)
         with_keypoints += _check_annotations(flat, known, num_keypoints, shard, source)
     if annotations == 0:
@@ -144,8 +147,6 @@ MATERIALIZE_BYTES = 2 * 1024**3  # training sets up to this size (encoded) are c
 
 
 def _bytes_of(shards: list[str]) -> int:
-    from pipeline.data.shards import resolve
-
     total = 0
     for shard in shards:
         fs, path = resolve(shard)
@@ -185,9 +186,10 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
             # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     try:
-        # The dataset's executor runs in Ray Train's SplitCoordinator actor. Its progress bars,
-        # redrawn and shipped to this terminal many times a second, took half a CPU core there
-        # (as much as a training worker) on a 2-core machine.
+        # The dataset's executor runs in Ray Train's SplitCoordinator actor; its progress bars
+        # would interleave with the epoch lines. (They were suspected of the coordinator's CPU
+        # use, but turning them off did not change it: re-running the read plan each epoch did,
+        # which the materialize below removes.)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
