@@ -106,7 +106,7 @@ def main() -> None:
     )
     gt_json, gt_ds, pred, results = root / "gt.json", str(root / "gt"), str(root / "pred"), root / "results.json"
     gt_json.write_text(json.dumps(coco))
-    import_coco(str(root / "images"), str(gt_json), gt_ds, rows_per_shard=1000)
+    import_coco(str(root / "images"), str(gt_json), gt_ds, rows_per_shard=1000, allow_missing_images=True)
     write_predictions(rows, pred, categories=coco["categories"], rows_per_shard=args.rows_per_shard)
     exported = export_coco(pred, str(results))
     n_shards = len(list(Path(pred).glob("*.parquet")))

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the external fixtures, small synthetic datasets, one local Ray.
+"""Shared fixtures: the path of the externally authored fixtures (tests/fixtures/), small synthetic datasets, one local Ray.
 
 Tests that need Ray take the ``ray_local`` fixture (one embedded instance per session, 2 CPUs,
 like the machines this runs on); everything else runs without starting Ray.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = (REPO / ".." / "shared" / "fixtures").resolve()
+FIXTURES = REPO / "tests" / "fixtures"  # copied into the repo: the suite needs nothing beside it
 
 # Small, fast detector settings for tests: a real torchvision model, random weights, small input.
 FAST_DETECT = {
@@ -27,7 +27,7 @@ FAST_DETECT = {
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"external fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the repo)")
+        pytest.fail(f"fixtures not found at {FIXTURES} (they are part of the repository)")
     return FIXTURES
 
 

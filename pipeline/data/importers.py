@@ -89,8 +89,22 @@ def coco_annotation_to_row(ann: dict, height: int, width: int) -> dict:
     }
 
 
-def import_coco(images_dir: str, annotations_file: str, out: str, *, rows_per_shard: int = 1000) -> dict:
-    """Import a COCO annotations file and its image folder. Returns counts and per-image errors."""
+def import_coco(
+    images_dir: str,
+    annotations_file: str,
+    out: str,
+    *,
+    rows_per_shard: int = 1000,
+    overwrite: bool = False,
+    allow_missing_images: bool = False,
+) -> dict:
+    """Import a COCO annotations file and its image folder. Returns counts and per-image errors.
+
+    An image file that is missing or unreadable becomes an error row (its annotations are kept).
+    A folder that holds none of the file's images is refused before anything is written (almost
+    always the wrong ``--images``), unless ``allow_missing_images``: ground truth imported only to
+    evaluate predictions against (``pipeline eval --gt``) needs no image bytes.
+    """
     coco = read_coco_file(annotations_file, DataImportError)
 
     images = sorted(coco["images"], key=lambda im: _int_id(im["id"], "image id"))
@@ -103,7 +117,16 @@ def import_coco(images_dir: str, annotations_file: str, out: str, *, rows_per_sh
         by_image[image_id].append(ann)
 
     root = Path(images_dir)
-    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA)
+    if not images:
+        raise DataImportError(f"{annotations_file}: no images listed; nothing to import")
+    if not allow_missing_images and not any(_safe_image_path(root, im["file_name"]).is_file() for im in images):
+        examples = ", ".join(im["file_name"] for im in images[:3])
+        raise DataImportError(
+            f"none of the {len(images)} images of {annotations_file} is in {images_dir} (e.g. {examples}); "
+            "nothing was imported: check --images (file_names are relative to it), or pass --allow-missing-images "
+            "to import the annotations alone (ground truth for pipeline eval)"
+        )
+    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
     errors: list[str] = []
     for im in images:
         image_id = _int_id(im["id"], "image id")
@@ -133,7 +156,7 @@ def import_coco(images_dir: str, annotations_file: str, out: str, *, rows_per_sh
     return {"images": len(images), "annotations": n_ann, "shards": writer.shards_written, "errors": errors}
 
 
-def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000) -> dict:
+def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000, overwrite: bool = False) -> dict:
     """Import every image file under ``images_dir`` (recursively), unlabelled.
 
     ``image_id`` is 1..N in sorted relative-path order, so re-importing the same folder gives the
@@ -145,7 +168,7 @@ def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000) -> d
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataImportError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images_dir}")
-    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA)
+    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
     errors: list[str] = []
     for image_id, path in enumerate(files, start=1):
         data, error = _read_image_bytes(path)

@@ -161,12 +161,53 @@ def _atomic_write_bytes(fs: pafs.FileSystem, p: str, data: bytes) -> None:
     fs.move(tmp, p)
 
 
-class ShardWriter:
-    """Cut a stream of image rows into shards of ``rows_per_shard`` rows: part-00000, part-00001..."""
+def prepare_output(out: str, *, overwrite: bool) -> None:
+    """Make ``out`` ready for a new dataset: refuse a non-empty one unless ``overwrite``.
 
-    def __init__(self, out: str, rows_per_shard: int, schema: pa.Schema):
+    Writing a dataset into a folder that already holds one would leave its old shards beside the
+    new ones (duplicate image ids, foreign images), so every command that writes a dataset calls
+    this first. ``overwrite`` removes the old dataset's own files (shards, ``dataset.json``,
+    temporary files) and nothing else; a folder that holds other files is refused even then.
+    """
+    fs, root = resolve(out)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type != pafs.FileType.Directory:
+        raise DatasetError(f"output {out} exists and is not a folder")
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    if not entries:
+        return
+    ours = [e for e in entries if e.type == pafs.FileType.File and _is_dataset_file(e.base_name)]
+    others = sorted(e.base_name for e in entries if e not in ours)
+    if not overwrite:
+        raise DatasetError(
+            f"output {out} is not empty ({len(entries)} entries, e.g. {', '.join(sorted(e.base_name for e in entries)[:3])}); "
+            "pass --overwrite to replace the dataset there, or choose an empty folder"
+        )
+    if others:
+        raise DatasetError(
+            f"output {out} holds files that are not part of a dataset ({', '.join(others[:5])}); "
+            "--overwrite only replaces a dataset: choose an empty folder"
+        )
+    for e in ours:
+        fs.delete_file(e.path)
+
+
+def _is_dataset_file(name: str) -> bool:
+    return name == DATASET_JSON or name.startswith("part-") or ".tmp-" in name
+
+
+class ShardWriter:
+    """Cut a stream of image rows into shards of ``rows_per_shard`` rows: part-00000, part-00001...
+
+    The output must be empty (or ``overwrite``): see :func:`prepare_output`.
+    """
+
+    def __init__(self, out: str, rows_per_shard: int, schema: pa.Schema, *, overwrite: bool = False):
         if rows_per_shard < 1:
             raise ValueError("rows_per_shard must be >= 1")
+        prepare_output(out, overwrite=overwrite)
         self.out, self.rows_per_shard, self.schema = out, rows_per_shard, schema
         self._rows: list[dict] = []
         self.shards_written = 0

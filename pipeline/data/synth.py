@@ -109,9 +109,9 @@ def synth_image(seed: int, index: int, size: int = 128) -> tuple[bytes, int, int
     return buf.getvalue(), width, height, annotations
 
 
-def synth_dataset(out: str, *, images: int, seed: int, size: int = 128, rows_per_shard: int = 256) -> dict:
-    """Write ``images`` synthetic images as a dataset at ``out``; returns counts."""
-    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA)
+def synth_dataset(out: str, *, images: int, seed: int, size: int = 128, rows_per_shard: int = 256, overwrite: bool = False) -> dict:
+    """Write ``images`` synthetic images as a dataset at ``out`` (empty, or ``overwrite``); returns counts."""
+    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
     n_annotations = 0
     for index in range(images):
         png, width, height, annotations = synth_image(seed, index, size)

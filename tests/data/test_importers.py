@@ -27,7 +27,7 @@ def test_import_coco_with_images_and_polygons(fixtures_dir, tmp_path):
 def test_import_coco_crowd_box_and_string_ids(fixtures_dir, tmp_path):
     case = fixtures_dir / "coco-eval" / "crowd_2299"
     out = str(tmp_path / "ds")
-    result = import_coco(str(case), str(case / "gt.json"), out)
+    result = import_coco(str(case), str(case / "gt.json"), out, allow_missing_images=True)
     # The fixture has no photo: the row is kept as an error row, with its annotations.
     assert len(result["errors"]) == 1 and "not found" in result["errors"][0]
     row = read_shard(list_shards(out)[0]).to_pylist()[0]
@@ -41,7 +41,7 @@ def test_import_coco_crowd_box_and_string_ids(fixtures_dir, tmp_path):
 def test_import_coco_uncompressed_crowd_rle(fixtures_dir, tmp_path):
     case = fixtures_dir / "coco-eval" / "val2014_100"
     out = str(tmp_path / "ds")
-    import_coco(str(case), str(case / "gt.json"), out)
+    import_coco(str(case), str(case / "gt.json"), out, allow_missing_images=True)
     raw = {a["id"]: a for a in json.loads((case / "gt.json").read_text())["annotations"] if a["iscrowd"]}
     rows = read_shard(list_shards(out)[0]).to_pylist()
     ours = {a["id"]: a for r in rows for a in r["annotations"] if a["iscrowd"]}
@@ -98,3 +98,71 @@ def test_import_images_folder(fixtures_dir, tmp_path):
     assert [r["image_id"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[0]["file_name"] == "astronaut.png" and (rows[0]["width"], rows[0]["height"]) == (512, 512)
     assert all(r["annotations"] is None for r in rows)
+
+
+# --- writing into a folder that already holds a dataset --------------------------------------
+
+
+def _ids(out: str) -> list[int]:
+    return [r["image_id"] for s in list_shards(out) for r in read_shard(s, columns=["image_id"]).to_pylist()]
+
+
+def test_every_dataset_writer_refuses_a_non_empty_output_unless_overwrite(fixtures_dir, tmp_path):
+    """The review's case: import 5 photos in shards of 2, then again in one shard. Without
+    --overwrite the second import must fail and leave the first intact; with it, exactly the new
+    dataset remains (no old part-00001/00002 beside the new shard)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    photos = fixtures_dir / "images" / "skimage"
+    sahi = fixtures_dir / "images" / "sahi"
+    runner = CliRunner()
+    commands = {
+        "import-images": lambda out, *extra: ["data", "import-images", str(photos), out, *extra],
+        "import-coco": lambda out, *extra: ["data", "import-coco", "--images", str(sahi), "--annotations", str(sahi / "terrain1_coco.json"), out, *extra],
+        "synth": lambda out, *extra: ["data", "synth", out, "--images", "5", "--seed", "1", *extra],
+    }
+    for name, argv in commands.items():
+        out = str(tmp_path / name)
+        first = runner.invoke(main, argv(out, "--rows-per-shard", "2"))
+        assert first.exit_code == 0, first.output
+        before = sorted(list_shards(out))
+        again = runner.invoke(main, argv(out))
+        assert again.exit_code == 1 and "not empty" in again.output and "--overwrite" in again.output, (name, again.output)
+        assert sorted(list_shards(out)) == before  # nothing touched
+        replaced = runner.invoke(main, argv(out, "--overwrite"))
+        assert replaced.exit_code == 0, replaced.output
+        assert len(list_shards(out)) == 1, name  # the old shards are gone
+        ids = _ids(out)
+        assert len(ids) == len(set(ids)) == dataset_info(out)["rows"], name
+
+
+def test_overwrite_never_removes_files_that_are_not_a_dataset(fixtures_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="not part of a dataset"):
+        import_images(str(fixtures_dir / "images" / "skimage"), str(out), overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me" and not list(out.glob("part-*"))
+
+
+def test_import_coco_with_none_of_the_images_fails_and_writes_nothing(fixtures_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    sahi = fixtures_dir / "images" / "sahi"
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(
+        main, ["data", "import-coco", "--images", str(tmp_path), "--annotations", str(sahi / "terrain_all_coco.json"), str(out)]
+    )
+    assert result.exit_code == 1 and "none of the 3 images" in result.output and "terrain1.jpg" in result.output
+    assert not out.exists()
+    # Ground truth alone (to evaluate against) is still possible, when asked for.
+    gt_only = CliRunner().invoke(
+        main,
+        ["data", "import-coco", "--images", str(tmp_path), "--annotations", str(sahi / "terrain_all_coco.json"), str(out), "--allow-missing-images"],
+    )
+    assert gt_only.exit_code == 0, gt_only.output
+    assert dataset_info(str(out))["error_rows"] == 3 and dataset_info(str(out))["annotations"] > 0

@@ -1,7 +1,7 @@
 """Shared fixtures for the evaluation tests: one local Ray, the published COCO cases, a synthetic set.
 
-The published cases live outside the repository (``../shared/fixtures/coco-eval``, also in CI) and
-are read in place, never copied in.
+The published cases are in ``tests/fixtures/coco-eval`` (sources and licences in
+``tests/fixtures/README.md``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,6 @@ def synthetic(tmp_path_factory):
     coco, rows = synthetic_case(images=160, seed=3, detections_per_image=16, categories=6, keypoints=True)
     gt_json = root / "gt.json"
     gt_json.write_text(json.dumps(coco))
-    import_coco(str(root / "images"), str(gt_json), str(root / "gt"), rows_per_shard=50)
+    import_coco(str(root / "images"), str(gt_json), str(root / "gt"), rows_per_shard=50, allow_missing_images=True)
     write_predictions(rows, str(root / "pred"), categories=coco["categories"], rows_per_shard=40)
     return {"root": root, "gt_json": gt_json, "gt": str(root / "gt"), "pred": str(root / "pred"), "coco": coco, "rows": rows}

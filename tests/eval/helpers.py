@@ -16,7 +16,7 @@ from pipeline import schema
 from pipeline.eval.params import stat_keys
 from pipeline.eval.records import MatchRecords
 
-FIXTURES = Path(__file__).parents[2] / "../shared/fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 COCO_EVAL = FIXTURES / "coco-eval"
 EXACT = 1e-12
 

@@ -1,4 +1,4 @@
-"""Every number published in ../shared/fixtures/README.md (coco-eval), through OUR code path.
+"""Every number published in tests/fixtures/README.md (coco-eval), through OUR code path.
 
 Ground truth is imported into shards with ``import_coco`` (image files are mostly absent, so
 most rows are error rows -- their annotations must still count), detections are evaluated with
@@ -53,7 +53,7 @@ def gt_shards(tmp_path_factory):
         if case not in cache:
             out = root / case / "gt"
             gt_json = COCO_EVAL / case / "gt.json"
-            report = import_coco(str(COCO_EVAL / case), str(gt_json), str(out), rows_per_shard=40)
+            report = import_coco(str(COCO_EVAL / case), str(gt_json), str(out), rows_per_shard=40, allow_missing_images=True)
             cache[case] = (str(out), report)
         return cache[case][0]
 
@@ -141,5 +141,5 @@ def test_published_numbers_through_ray_tasks(gt_shards, ray_local):
 
 
 def test_import_coco_accepts_string_info(tmp_path):
-    import_coco(str(COCO_EVAL / "detectron2_case"), str(COCO_EVAL / "detectron2_case" / "gt.json"), str(tmp_path / "gt"))
+    import_coco(str(COCO_EVAL / "detectron2_case"), str(COCO_EVAL / "detectron2_case" / "gt.json"), str(tmp_path / "gt"), allow_missing_images=True)
     assert read_meta(str(tmp_path / "gt")).info["description"]
