@@ -31,3 +31,21 @@ def test_jobs_readme_lists_every_job_with_its_command():
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_quoted_accuracy_of_the_shipped_model_is_the_measured_one():
+    """Every "bbox AP X, segm AP Y" in the docs is the shipped checkpoint's held-out AP, read from the
+    one file that holds it (a stale 0.671 once survived a retraining in jobs/README.md)."""
+    import json
+
+    expected = json.loads((REPO / "conf" / "models" / "small_maskrcnn_shapes.json").read_text())["AP"]
+    found = 0
+    for doc in ("README.md", "jobs/README.md", "conf/models/README.md"):
+        for bbox, segm in re.findall(r"bbox AP (\d\.\d+),? segm AP (\d\.\d+)", (REPO / doc).read_text()):
+            found += 1
+            for quoted, iou_type in ((bbox, "bbox"), (segm, "segm")):
+                digits = len(quoted.split(".")[1])
+                assert float(quoted) == round(expected[iou_type], digits), f"{doc} quotes {iou_type} AP {quoted}, measured {expected[iou_type]}"
+    assert found >= 3  # README, jobs/README and conf/models/README all quote it
+    demo = re.search(r"bbox_AP\s+(\S+)\nsegm_AP\s+(\S+)", (REPO / "README.md").read_text())
+    assert demo and (float(demo.group(1)), float(demo.group(2))) == (expected["bbox"], expected["segm"])

@@ -1,12 +1,15 @@
 """The model the repo ships (conf/models/small_maskrcnn_shapes.pth) still predicts what it did.
 
-An accuracy pin in the Detectron2 way: the checkpoint runs through the masks stage on 48
-held-out synthetic images (seed 300, the demo's split) and is evaluated with the project's COCO
-evaluator; the AP must stay within a tolerance of what was measured when the file was made.
+An accuracy pin in the Detectron2 way: the checkpoint runs through the masks stage on the demo's
+whole held-out split (200 synthetic images, seed 300) and is evaluated with the project's COCO
+evaluator; the AP must equal what was measured when the file was made (the numbers in
+``conf/models/small_maskrcnn_shapes.json``, which the READMEs quote). Inference of a fixed
+checkpoint on CPU is deterministic far below the tolerance, which only absorbs float reordering.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
@@ -22,8 +25,8 @@ from pipeline.stages.masks import MasksStage
 from tests.conftest import REPO
 
 CHECKPOINT = REPO / "conf" / "models" / "small_maskrcnn_shapes.pth"
-EXPECTED = {"bbox": 0.7262, "segm": 0.6839}  # measured when the checkpoint was made (see conf/models/README.md)
-TOLERANCE = 0.02
+EXPECTED = json.loads((REPO / "conf" / "models" / "small_maskrcnn_shapes.json").read_text())
+TOLERANCE = 0.005
 
 
 def test_shipped_checkpoint_is_small_and_documented():
@@ -34,14 +37,15 @@ def test_shipped_checkpoint_is_small_and_documented():
 
 def test_shipped_checkpoint_keeps_its_accuracy(tmp_path):
     gt = str(tmp_path / "test")
-    synth_dataset(gt, images=48, seed=300, size=128)
+    split = EXPECTED["held_out"]
+    synth_dataset(gt, images=split["images"], seed=split["seed"], size=split["size"])
     stage = StageActor(
         stage_name="masks",
         stage_cls=MasksStage,
         stage_kwargs={
             "model": "small_maskrcnn",
             "weights": str(CHECKPOINT),
-            "score_threshold": 0.05,
+            "score_threshold": split["score_threshold"],
             "dataset_categories": read_meta(gt).categories,
             "threads": 2,
         },
@@ -55,5 +59,5 @@ def test_shipped_checkpoint_keeps_its_accuracy(tmp_path):
     write_meta(pred, DatasetMeta(categories=read_meta(gt).categories, kind="predictions"))
     metrics = evaluate([pred], gt, ["bbox", "segm"], use_ray=False, use_state=False)
     got = {t: round(metrics[t]["AP"], 4) for t in ("bbox", "segm")}
-    for iou_type, expected in EXPECTED.items():
+    for iou_type, expected in EXPECTED["AP"].items():
         assert got[iou_type] == pytest.approx(expected, abs=TOLERANCE), (iou_type, got)
