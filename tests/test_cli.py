@@ -64,3 +64,26 @@ def test_run_dry_run_prints_resolved_spec(tmp_path):
     assert result.exit_code == 0, result.output
     spec = json.loads(result.output)
     assert spec["stages"][0]["batch_size"] == 7 and spec["ray"]["address"] == "auto"
+
+
+def test_help_and_version_load_no_heavy_library():
+    """`pipeline --help` took 5-7 s because torch was imported when the CLI loaded. Measured as the
+    set of modules imported (not a time, which depends on the machine): commands import their
+    heavy libraries when they run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys\n"
+        "from pipeline.cli import main\n"
+        "for args in (['--help'], ['--version'], ['data', '--help'], ['run', '--help'], ['train-style', '--help']):\n"
+        "    try:\n"
+        "        main(args, standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out.strip().splitlines()[-1]))
+    heavy = {"torch", "torchvision", "ray", "pyarrow", "cv2", "matplotlib", "pandas", "pydantic"}
+    assert not heavy & loaded, f"--help imports {sorted(heavy & loaded)}"

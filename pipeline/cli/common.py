@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import click
 
-from pipeline.config.load import ConfigError
-from pipeline.coordinator.submit import SubmitError
-from pipeline.data.importers import DataImportError
-from pipeline.data.shards import DatasetError
-from pipeline.eval.params import EvalInputError
-from pipeline.models.weights import WeightsError
+# Exceptions that mean "the user asked for something that cannot be done" (module -> class). They
+# are looked up only when a command fails: importing their modules here would load torch and Ray
+# for `pipeline --help`. A module that was never imported cannot have raised its exception.
+USER_ERRORS = {
+    "pipeline.config.load": "ConfigError",
+    "pipeline.coordinator.submit": "SubmitError",
+    "pipeline.data.importers": "DataImportError",
+    "pipeline.data.shards": "DatasetError",
+    "pipeline.eval.params": "EvalInputError",
+    "pipeline.models.weights": "WeightsError",
+}
 
-USER_ERRORS = (ConfigError, DataImportError, DatasetError, EvalInputError, SubmitError, WeightsError)
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 def user_errors(fn):
@@ -23,8 +31,10 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
+        except Exception as exc:
+            if isinstance(exc, user_error_types()):
+                raise click.ClickException(str(exc)) from exc
+            raise
 
     return wrapper
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.common import print_table, user_errors
-from pipeline.models.transformer_net import DEFAULT_VGG
+
+
+def _default_vgg() -> str:
+    from pipeline.models.transformer_net import DEFAULT_VGG  # torch: only when the command runs
+
+    return DEFAULT_VGG
 
 
 @click.command("train-style")
@@ -18,8 +23,8 @@ from pipeline.models.transformer_net import DEFAULT_VGG
 @click.option("--style-size", type=click.IntRange(min=16), help="Downscale the style image to this longer side (default: as it is).")
 @click.option(
     "--vgg-weights",
-    default=DEFAULT_VGG,
-    show_default=True,
+    default=_default_vgg,
+    show_default="the ImageNet VGG16 weights the style stage uses",
     help="Loss network: a torchvision VGG16 weights name (torch hub cache, never downloaded), a .pth path, or 'none' (random, tests).",
 )
 @click.option("--content-weight", default=1e5, show_default=True, type=float, help="Weight of the relu2_2 content loss.")

@@ -21,9 +21,23 @@ Example::
     metrics = evaluate(["runs/detect"], "data/val", ["bbox", "segm"], out_dir="runs/detect/metrics")
 """
 
-from pipeline.eval.driver import evaluate
-from pipeline.eval.evaluator import COCOEvaluator
-from pipeline.eval.export import export_coco
-from pipeline.eval.params import IOU_TYPES, EvalInputError
+import importlib
+
+# Names re-exported lazily (PEP 562): ``import pipeline.eval.params`` alone, as the CLI does for
+# ``--help``, must not load Ray and the matching code.
+_EXPORTS = {
+    "evaluate": "pipeline.eval.driver",
+    "COCOEvaluator": "pipeline.eval.evaluator",
+    "export_coco": "pipeline.eval.export",
+    "IOU_TYPES": "pipeline.eval.params",
+    "EvalInputError": "pipeline.eval.params",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "export_coco"]

@@ -109,6 +109,11 @@ def evaluate(
     if not pred_paths:
         raise EvalInputError("no predictions given")
     ground = load_ground_truth(gt, segm="segm" in iou_types, keypoints="keypoints" in iou_types)
+    if len(ground.ann_id) == 0:  # pycocotools would print a table of -1: say why instead
+        raise EvalInputError(
+            f"ground truth {gt} has no annotations ({len(ground.image_ids)} images): there is nothing to evaluate against; "
+            "--gt must be a labelled dataset (e.g. pipeline data import-coco) or a COCO annotations file"
+        )
     units = _plan_units(pred_paths, ground, iou_types, use_state=use_state)
     _claim_images(units)
     pending = [u for u in units if len(u.image_ids) and any(t not in u.records for t in iou_types)]

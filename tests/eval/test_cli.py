@@ -68,3 +68,19 @@ def test_export_coco_command(synthetic, tmp_path):
     result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "ds.json").read_text())) >= {"images", "categories", "annotations"}
+
+
+def test_eval_against_a_dataset_without_annotations_says_so(tmp_path):
+    """A folder of photos has no ground truth: a table of -1 with exit 0 read like a result."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.conftest import REPO
+
+    photos = str(tmp_path / "photos")
+    assert CliRunner().invoke(main, ["data", "import-images", str(REPO / "tests/fixtures/images/skimage"), photos]).exit_code == 0
+    results = tmp_path / "dt.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]))
+    result = CliRunner().invoke(main, ["eval", str(results), "--gt", photos, "--no-ray"])
+    assert result.exit_code == 1, result.output
+    assert "has no annotations (5 images)" in result.output and "-1" not in result.output
