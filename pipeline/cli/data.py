@@ -27,25 +27,31 @@ def _report(result: dict, out: str) -> None:
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False), help="Folder the COCO file_names are relative to.")
 @click.option("--annotations", "annotations_file", required=True, type=click.Path(dir_okay=False), help="COCO annotations JSON file.")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
+@click.option("--allow-missing-images", is_flag=True, help="Import the annotations even if no image file is found (ground truth for eval only).")
 @click.argument("out")
 @user_errors
-def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int, out: str) -> None:
+def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int, out: str, overwrite: bool, allow_missing_images: bool) -> None:
     """Import a COCO dataset (images + JSON) into shards at OUT."""
     from pipeline.data.importers import import_coco
 
-    _report(import_coco(images_dir, annotations_file, out, rows_per_shard=rows_per_shard), out)
+    result = import_coco(
+        images_dir, annotations_file, out, rows_per_shard=rows_per_shard, overwrite=overwrite, allow_missing_images=allow_missing_images
+    )
+    _report(result, out)
 
 
 @data.command("import-images")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.argument("out")
 @user_errors
-def import_images_cmd(images_dir: str, out: str, rows_per_shard: int) -> None:
+def import_images_cmd(images_dir: str, out: str, rows_per_shard: int, overwrite: bool) -> None:
     """Import a folder of images (no labels) into shards at OUT."""
     from pipeline.data.importers import import_images
 
-    _report(import_images(images_dir, out, rows_per_shard=rows_per_shard), out)
+    _report(import_images(images_dir, out, rows_per_shard=rows_per_shard, overwrite=overwrite), out)
 
 
 @data.command("synth")
@@ -53,13 +59,14 @@ def import_images_cmd(images_dir: str, out: str, rows_per_shard: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Dataset seed (same seed, same images).")
 @click.option("--size", default=128, show_default=True, type=click.IntRange(min=32), help="Nominal image side in pixels (varies +-25%).")
 @click.option("--rows-per-shard", default=256, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
 @click.argument("out")
 @user_errors
-def synth_cmd(images: int, seed: int, size: int, rows_per_shard: int, out: str) -> None:
+def synth_cmd(images: int, seed: int, size: int, rows_per_shard: int, out: str, overwrite: bool) -> None:
     """Write a synthetic shapes dataset with exact boxes and masks."""
     from pipeline.data.synth import synth_dataset
 
-    _report(synth_dataset(out, images=images, seed=seed, size=size, rows_per_shard=rows_per_shard), out)
+    _report(synth_dataset(out, images=images, seed=seed, size=size, rows_per_shard=rows_per_shard, overwrite=overwrite), out)
 
 
 @data.command("info")
@@ -77,10 +84,18 @@ def info_cmd(path: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     per_category = info.pop("annotations_per_category")
+    error_examples = info.pop("error_examples", [])
     print_table([(k, v) for k, v in info.items()])
     if per_category:
         click.echo("")
         print_table(sorted(per_category.items()), header=("category", "annotations"))
+    if error_examples:
+        click.echo("")
+        click.echo(f"error rows (first {len(error_examples)} of {info['error_rows']}):")
+        print_table([(e["image_id"], e["file_name"] or "", e["error"]) for e in error_examples],
+                    header=("image_id", "file_name", "error"))
+        if info["error_rows"] > len(error_examples):
+            click.echo(f"... and {info['error_rows'] - len(error_examples)} more")
 
 
 @data.command("render")
@@ -91,11 +106,24 @@ def info_cmd(path: str, as_json: bool) -> None:
 @click.argument("out_dir")
 @user_errors
 def render_cmd(pred: str, out_dir: str, images: str | None, limit: int, min_score: float) -> None:
-    """Draw predictions (boxes, masks, keypoints) on their images as PNGs."""
+    """Draw predictions (boxes, masks, keypoints) on their images as PNGs.
+
+    Files are OUT_DIR/<image_id>_<name>.png plus contact_sheet.png; labels are category names and
+    scores. With --images, the dataset must hold the same image ids, file names and sizes.
+    """
     from pipeline.data.render import render_predictions
 
-    paths = render_predictions(pred, out_dir, images=images, limit=limit, min_score=min_score)
-    click.echo(f"wrote {len(paths)} picture(s) to {out_dir}")
+    result = render_predictions(pred, out_dir, images=images, limit=limit, min_score=min_score)
+    click.echo(f"wrote {len(result['paths'])} picture(s) to {out_dir}")
+    if result["sheet"]:
+        click.echo(f"contact sheet: {result['sheet']}")
+    for what, rows in (("error row(s)", result["error_rows"]), ("image(s) that could not be decoded", result["undecodable"])):
+        if rows:
+            click.echo(f"skipped {len(rows)} {what}:", err=True)
+            for image_id, file_name, reason in rows[:5]:
+                click.echo(f"  image_id {image_id} {file_name or ''}: {reason}", err=True)
+            if len(rows) > 5:
+                click.echo(f"  ... and {len(rows) - 5} more", err=True)
 
 
 @data.command("export-images")

@@ -143,5 +143,6 @@ def export_coco_cmd(pred: str, out: str, as_dataset: bool) -> None:
 
     result = export_coco(pred, out, as_dataset=as_dataset)
     what = "annotations" if as_dataset else "detections"
-    click.echo(f"wrote {result['detections']} {what} for {result['images']} images to {out}")
+    left_out = f"; left out {result['error_rows']} error row(s) (images that could not be read)" if result["error_rows"] else ""
+    click.echo(f"wrote {result['detections']} {what} for {result['images']} images to {out}{left_out}")
     _report_skips(result["skipped"])

@@ -1,87 +1,362 @@
 """Draw predictions on their images, so a person can look at what a job produced.
 
 A prediction dataset holds no image bytes; they are read from the job's input dataset (named in
-the predictions' ``dataset.json`` as ``info.source``, or given explicitly) and joined by
-``image_id``. Boxes are drawn from ``boxes`` (xyxy), masks from ``masks`` (RLE, filled at 40%),
-keypoints from ``keypoints`` (visible points), labelled with category names and scores.
+the predictions' ``dataset.json`` as ``info.source``, or given explicitly with ``images=``) and
+joined by ``image_id``. Before anything is drawn, the rows to draw are checked against that
+dataset: every image_id must be there, with the same ``file_name`` and the same size; otherwise
+the boxes would land on the wrong picture, so nothing is drawn and the differences are listed.
+
+What a picture shows, made to be read at any image size:
+
+* images whose short side is under ``MIN_SIDE`` (512) px are first upscaled by an integer factor
+  (nearest neighbour: the pixels the model saw, only bigger), boxes scaled with them;
+* masks (``masks``, COCO RLE) as translucent fills, boxes (``boxes``, xyxy) as outlines whose
+  width grows with the image, keypoints (``keypoints``) as dots;
+* one label per box, ``<category name> <score>`` (e.g. ``circle 0.93``), in DejaVu Sans (the
+  TrueType font matplotlib ships) sized to the image, on a filled rectangle in the box colour with
+  black or white text, whichever contrasts; the label sits above the box when there is room, else
+  inside it, and never leaves the picture. Names come from the predictions' ``dataset.json``
+  categories, else the images dataset's; only when neither names a category is it ``class <id>``.
+
+Files are ``<image_id>_<file stem>.png`` plus ``contact_sheet.png``: a grid of thumbnails of the
+drawn pictures with their ids and file names. Error rows (``error`` set) have no picture; they
+are skipped and listed in the result, as are rows whose image bytes cannot be decoded.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 import os
+import re
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.decode import DecodeError, decode_image
-from pipeline.data.shards import list_shards, read_meta, read_shard, shard_schema
+from pipeline.data.export_images import BACKGROUND, SHEET, contact_sheet, thumbnail
+from pipeline.data.shards import DatasetError, DatasetMeta, list_shards, read_meta, read_shard, shard_schema
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+MIN_SIDE = 512  # smaller images are upscaled to at least this short side before drawing
+SHEET_CELL = 256
+MAX_LISTED = 5  # mismatches / skipped rows named in messages
 
 
-def render_predictions(pred: str, out_dir: str, *, images: str | None = None, limit: int = 8, min_score: float = 0.3) -> list[str]:
-    """Write up to ``limit`` PNGs of predictions drawn on their images; returns their paths."""
+def render_predictions(
+    pred: str,
+    out_dir: str,
+    *,
+    images: str | None = None,
+    limit: int = 8,
+    min_score: float = 0.3,
+    sheet: bool = True,
+) -> dict:
+    """Draw the first ``limit`` usable rows of ``pred`` as PNGs in ``out_dir``.
+
+    Returns ``{"paths": [...], "sheet": path or None, "error_rows": [(image_id, file_name, reason)],
+    "undecodable": [(image_id, file_name, reason)]}``. Raises :class:`DatasetError` when the images
+    dataset is unknown, or does not hold the same images (ids, file names, sizes) as ``pred``.
+    """
     meta = read_meta(pred)
     source = images or meta.info.get("source")
     if not source:
-        raise ValueError(f"{pred}: dataset.json names no source dataset; pass the images dataset explicitly")
-    names = {int(c["id"]): c.get("name", str(c["id"])) for c in meta.categories}
-    wanted = [schema.IMAGE_ID, schema.BOXES, schema.SCORES, schema.CATEGORY_IDS, schema.MASKS, schema.KEYPOINTS, schema.ERROR]
-    rows = []
+        raise DatasetError(f"{pred}: dataset.json names no source dataset; pass the images dataset with --images")
+    names = category_names(known_categories(meta, source))
+
+    rows, error_rows = _read_rows(pred, limit)
+    pictures = _read_images(source, {r[schema.IMAGE_ID] for r in rows})
+    check_same_images(rows, pictures, pred, source)
+
+    os.makedirs(out_dir, exist_ok=True)
+    written, thumbs, undecodable = [], [], []
+    for row in rows:
+        image_id = row[schema.IMAGE_ID]
+        file_name = row.get(schema.FILE_NAME) or pictures[image_id][0]
+        try:
+            rgb = decode_image(pictures[image_id][3])
+        except DecodeError as exc:
+            undecodable.append((image_id, file_name, str(exc)))
+            continue
+        image = draw_row(rgb, row, names, min_score)
+        path = os.path.join(out_dir, picture_name(image_id, file_name))
+        image.save(path)
+        written.append(path)
+        if sheet:
+            thumbs.append((image_id, file_name, thumbnail(np.asarray(image), SHEET_CELL)))
+    sheet_path = None
+    if thumbs:
+        sheet_path = os.path.join(out_dir, SHEET)
+        grid_sheet(thumbs, SHEET_CELL).save(sheet_path)
+    return {"paths": written, "sheet": sheet_path, "error_rows": error_rows, "undecodable": undecodable}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _read_rows(pred: str, limit: int) -> tuple[list[dict], list[tuple]]:
+    """The first ``limit`` rows without an error, and the error rows met on the way."""
+    wanted = [schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.ERROR, schema.BOXES,
+              schema.SCORES, schema.CATEGORY_IDS, schema.LABELS, schema.MASKS, schema.KEYPOINTS]
+    rows: list[dict] = []
+    errors: list[tuple] = []
     for shard in list_shards(pred):
         present = shard_schema(shard).names
-        rows += read_shard(shard, columns=[c for c in wanted if c in present]).to_pylist()
+        for row in read_shard(shard, columns=[c for c in wanted if c in present]).to_pylist():
+            if row.get(schema.ERROR) is not None:
+                errors.append((row[schema.IMAGE_ID], row.get(schema.FILE_NAME), row[schema.ERROR]))
+            elif len(rows) < limit:
+                rows.append(row)
         if len(rows) >= limit:
             break
-    rows = rows[:limit]
-    ids = {r[schema.IMAGE_ID] for r in rows}
-    pictures: dict[int, bytes] = {}
+    return rows, errors
+
+
+def _read_images(source: str, ids: set[int]) -> dict[int, tuple]:
+    """image_id -> (file_name, width, height, image bytes) for these ids (first shard wins)."""
+    found: dict[int, tuple] = {}
+    if not ids:
+        return found
     for shard in list_shards(source):
-        table = read_shard(shard, columns=[schema.IMAGE_ID, schema.IMAGE])
-        for image_id, data in zip(table[schema.IMAGE_ID].to_pylist(), table[schema.IMAGE].to_pylist()):
-            if image_id in ids:
-                pictures[image_id] = data
-        if len(pictures) == len(ids):
+        present = shard_schema(shard).names
+        if schema.IMAGE not in present:
+            raise DatasetError(f"{source} holds no image bytes (no '{schema.IMAGE}' column): pass the images dataset with --images")
+        cols = [c for c in (schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.IMAGE) if c in present]
+        for r in read_shard(shard, columns=cols).to_pylist():
+            i = r[schema.IMAGE_ID]
+            if i in ids and i not in found:
+                found[i] = (r.get(schema.FILE_NAME), r.get(schema.WIDTH), r.get(schema.HEIGHT), r.get(schema.IMAGE))
+        if len(found) == len(ids):
             break
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
+    return found
+
+
+def displayed_size(data: bytes | None) -> tuple[int, int] | None:
+    """(width, height) as decoded (EXIF orientation applied), from the header; None if unreadable."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return w, h
+    except Exception:  # noqa: BLE001 - unreadable bytes are reported when drawing
+        return None
+
+
+def check_same_images(rows: list[dict], pictures: dict[int, tuple], pred: str, source: str) -> None:
+    """Refuse when the images dataset does not hold the predictions' images (ids, file names, sizes)."""
+    problems: list[str] = []
+    differ: set[int] = set()
     for row in rows:
+        i = row[schema.IMAGE_ID]
+        if i not in pictures:
+            problems.append(f"image_id {i} is not in {source}")
+            differ.add(i)
+            continue
+        name, width, height, data = pictures[i]
+        mine = row.get(schema.FILE_NAME)
+        if mine is not None and name is not None and mine != name:
+            problems.append(f"image_id {i}: file_name {mine!r} in the predictions, {name!r} in the images")
+            differ.add(i)
+        pw, ph = row.get(schema.WIDTH), row.get(schema.HEIGHT)
+        if pw is None or ph is None:
+            continue
+        shown = displayed_size(data) or ((width, height) if width is not None and height is not None else None)
+        if shown is not None and (pw, ph) != tuple(shown):
+            problems.append(f"image_id {i} ({mine or name}): {pw}x{ph} in the predictions, {shown[0]}x{shown[1]} in the images")
+            differ.add(i)
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DatasetError(
+            f"the images in {source} are not the ones {pred} was predicted on ({len(differ)} of {len(rows)} "
+            f"image(s) differ); nothing drawn:\n  " + "\n  ".join(problems[:MAX_LISTED]) + more
+        )
+
+
+# --- labels and layout --------------------------------------------------------------------------
+
+
+def known_categories(meta: DatasetMeta, source: str | None = None) -> list[dict]:
+    """The categories naming a prediction dataset's ``category_ids``: its own ``dataset.json``'s,
+    else (none recorded) those of its images dataset ``source`` (default: ``info.source``)."""
+    if meta.categories:
+        return list(meta.categories)
+    source = source or meta.info.get("source")
+    if source:
         try:
-            rgb = decode_image(pictures.get(row[schema.IMAGE_ID]))
-        except DecodeError:
-            continue  # an error row: nothing to draw on
-        path = os.path.join(out_dir, f"{row[schema.IMAGE_ID]}.png")
-        draw_row(rgb, row, names, min_score).save(path)
-        written.append(path)
-    return written
+            return list(read_meta(source).categories)
+        except (DatasetError, OSError, ValueError):
+            return []  # e.g. info.source names a COCO JSON file or a folder that has gone
+    return []
+
+
+def category_names(categories: list[dict]) -> dict[int, str]:
+    return {int(c["id"]): str(c["name"]) for c in categories or [] if c.get("name") not in (None, "")}
+
+
+def label_text(category_id: int | None, score: float | None, names: dict[int, str], label: int | None = None) -> str:
+    """``<name> <score>``: the category's name, ``class <id>`` when no name is known anywhere."""
+    if category_id is None or category_id == -1:
+        what = f"unmapped label {label}" if label is not None else "unmapped"
+    else:
+        what = names.get(int(category_id)) or f"class {category_id}"
+    return f"{what} {score:.2f}" if score is not None else what
+
+
+def style_for(short_side: int) -> tuple[int, int]:
+    """(line width, font size) in pixels for an image of this short side."""
+    return max(2, round(short_side / 300)), max(12, round(short_side / 40))
+
+
+def upscale_factor(width: int, height: int, min_side: int = MIN_SIDE) -> int:
+    short = min(width, height)
+    return 1 if short >= min_side or short <= 0 else math.ceil(min_side / short)
+
+
+def label_rect(box: tuple[float, float, float, float], size: tuple[int, int], width: int, height: int,
+               line: int = 0, where: str = "above") -> tuple[int, int, int, int]:
+    """Where a label of ``size`` (w, h) goes for ``box`` (xyxy): [x0, y0, x1, y1), always inside the image.
+
+    ``where``: "above" the box's top-left corner when there is room, else just inside its top
+    edge; "inside" under the top edge; "below" under the bottom edge. The rectangle is then
+    shifted left/up/down to stay in the picture (and cut to the picture when wider than it).
+    """
+    w, h = min(size[0], width), min(size[1], height)
+    x1, y1, _, y2 = box
+    x = int(round(x1))
+    if where == "below":
+        y = int(round(y2))
+    else:
+        y = int(round(y1)) - h
+        if where == "inside" or y < 0:
+            y = int(round(y1)) + line  # inside, under the top edge
+    x = min(max(x, 0), width - w)
+    y = min(max(y, 0), height - h)
+    return x, y, x + w, y + h
+
+
+def layout_labels(boxes: list, sizes: list[tuple[int, int]], width: int, height: int, line: int = 0) -> list[tuple]:
+    """One rectangle per label (boxes in priority order, best first), avoiding labels already placed.
+
+    Tries above, inside and below its box, then above shifted further up; when every place is
+    taken the label goes above (or inside) its box anyway. Every rectangle is inside the image.
+    """
+    placed: list[tuple] = []
+    for box, size in zip(boxes, sizes):
+        first = label_rect(box, size, width, height, line)
+        candidates = [first, label_rect(box, size, width, height, line, "inside"),
+                      label_rect(box, size, width, height, line, "below")]
+        for k in range(1, 4):
+            candidates.append(label_rect((box[0], box[1] - k * size[1], box[2], box[3]), size, width, height, line))
+        free = next((c for c in candidates if not any(_overlap(c, p) for p in placed)), first)
+        placed.append(free)
+    return placed
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@functools.lru_cache(maxsize=32)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(_font_path(), size)
+
+
+@functools.lru_cache(maxsize=1)
+def _font_path() -> str:
+    import matplotlib
+
+    path = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    if os.path.exists(path):
+        return path
+    from matplotlib import font_manager
+
+    return font_manager.findfont("DejaVu Sans")
+
+
+def text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
+def colour_for(category_id: int | None) -> tuple[int, int, int]:
+    return PALETTE[(category_id if category_id is not None and category_id >= 0 else len(PALETTE) - 1) % len(PALETTE)]
+
+
+# --- drawing ------------------------------------------------------------------------------------
 
 
 def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float) -> Image.Image:
-    canvas = rgb.astype(np.float32)
+    """The row's predictions scoring at least ``min_score`` drawn on ``rgb`` (upscaled if small)."""
+    height, width = rgb.shape[:2]
     scores = row.get(schema.SCORES) or []
-    keep = [i for i, s in enumerate(scores) if s >= min_score]
-    for i in keep:
-        masks = row.get(schema.MASKS)
-        if masks and masks[i]:
-            m = mask_utils.decode({"size": masks[i]["size"], "counts": masks[i]["counts"].encode("ascii")}).astype(bool)
-            colour = np.array(PALETTE[i % len(PALETTE)], np.float32)
-            canvas[m] = 0.6 * canvas[m] + 0.4 * colour
-    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
     boxes = row.get(schema.BOXES) or []
     categories = row.get(schema.CATEGORY_IDS) or []
+    labels = row.get(schema.LABELS) or []
+    masks = row.get(schema.MASKS) or []
+    keypoints = row.get(schema.KEYPOINTS) or []
+    keep = [i for i, s in enumerate(scores) if s is not None and s >= min_score and i < len(boxes)]
+
+    def cat(i):
+        return categories[i] if i < len(categories) else None
+
+    canvas = rgb.astype(np.float32)
     for i in keep:
-        colour = PALETTE[i % len(PALETTE)]
-        x1, y1, x2, y2 = boxes[i]
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-        label = names.get(categories[i], str(categories[i])) if i < len(categories) else ""
-        draw.text((x1 + 2, y1 + 1), f"{label} {scores[i]:.2f}", fill=colour)
-        keypoints = row.get(schema.KEYPOINTS)
-        if keypoints and keypoints[i]:
-            k = np.asarray(keypoints[i]).reshape(-1, 3)
-            for x, y, v in k:
+        if i < len(masks) and masks[i] and masks[i].get("counts"):
+            m = mask_utils.decode({"size": list(masks[i]["size"]), "counts": masks[i]["counts"].encode("ascii")}).astype(bool)
+            if m.shape == canvas.shape[:2]:
+                canvas[m] = 0.55 * canvas[m] + 0.45 * np.array(colour_for(cat(i)), np.float32)
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    f = upscale_factor(width, height)
+    if f > 1:
+        image = image.resize((width * f, height * f), Image.NEAREST)
+    W, H = image.size
+    line, size = style_for(min(W, H))
+    draw = ImageDraw.Draw(image)
+    typeface = font(size)
+    pad = max(2, size // 6)
+    order = sorted(keep, key=lambda i: scores[i])  # best drawn last, on top
+    for i in order:
+        x1, y1, x2, y2 = (float(v) * f for v in boxes[i])
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour_for(cat(i)), width=line)
+        if i < len(keypoints) and keypoints[i]:
+            r = max(2, line + 1)
+            for x, y, v in np.asarray(keypoints[i], dtype=np.float64).reshape(-1, 3):
                 if v > 0:
-                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+                    x, y = x * f, y * f
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour_for(cat(i)), outline=(255, 255, 255))
+    best_first = order[::-1]
+    texts = [label_text(cat(i), scores[i], names, labels[i] if i < len(labels) else None) for i in best_first]
+    extents = [draw.textbbox((0, 0), t, font=typeface) for t in texts]
+    rects = layout_labels([tuple(float(v) * f for v in boxes[i]) for i in best_first],
+                          [(r - l + 2 * pad, b - t + 2 * pad) for l, t, r, b in extents], W, H, line)
+    for i, text, (left, top, _, _), rect in reversed(list(zip(best_first, texts, extents, rects))):
+        colour = colour_for(cat(i))
+        draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=colour, outline=tuple(c // 2 for c in colour))
+        draw.text((rect[0] + pad - left, rect[1] + pad - top), text, font=typeface, fill=text_colour(colour))
     return image
+
+
+def picture_name(image_id: int, file_name: str | None) -> str:
+    """``<image_id>_<safe file stem>.png`` (``<image_id>.png`` without a file name)."""
+    stem = os.path.splitext(os.path.basename(file_name or ""))[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:80]
+    return f"{image_id}_{stem}.png" if stem else f"{image_id}.png"
+
+
+def grid_sheet(thumbs: list[tuple[int, str | None, Image.Image]], cell: int) -> Image.Image:
+    """A near-square grid of export-images' contact-sheet columns (thumbnails with id and file name)."""
+    columns = max(1, math.ceil(math.sqrt(len(thumbs))))
+    parts = [contact_sheet(thumbs[k::columns], {}, cell) for k in range(min(columns, len(thumbs)))]  # row by row
+    sheet = Image.new("RGB", (sum(p.width for p in parts), max(p.height for p in parts)), BACKGROUND)
+    left = 0
+    for p in parts:
+        sheet.paste(p, (left, 0))
+        left += p.width
+    return sheet
