@@ -7,6 +7,8 @@ name raises. torchvision's detection models are registered below under their tor
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint
+from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint, torchvision_loads_safely
 
 
 @dataclass(frozen=True)
@@ -48,24 +50,53 @@ def get_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
 
 
-def unknown_kwargs(name: str, model: nn.Module, kwargs: dict) -> list[str]:
+def unknown_kwargs(name: str, model: nn.Module | None, kwargs: dict) -> list[str]:
     """Keys of ``kwargs`` that neither the builder nor ``model``'s constructors name.
 
     torchvision's detection models pass unknown keyword arguments on to their transform, which
     ignores them, so a misspelt ``box_batch_size_per_imag`` would train silently with the default.
+    ``model`` None: the model's class is found by building it once on PyTorch's meta device (no
+    memory, no weights; cached per model name).
     """
+    return sorted(set(kwargs) - accepted_kwargs(name, type(model) if model is not None else None))
+
+
+def accepted_kwargs(name: str, model_class: type | None = None) -> frozenset[str]:
+    """Keyword names model ``name`` uses: its builder's, the transform's, its class's constructors'."""
+    return _accepted_kwargs(name, model_class or _model_class(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_class(name: str) -> type:
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        return type(get_entry(name).builder(weights=None, weights_backbone=None))
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_kwargs(name: str, model_class: type) -> frozenset[str]:
     builder = torchvision.models.get_model_builder(name) if name in torchvision.models.list_models() else get_entry(name).builder
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     functions = [builder, GeneralizedRCNNTransform.__init__]
-    functions += [c.__init__ for c in type(model).__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
-    named = {
+    functions += [c.__init__ for c in model_class.__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
+    return frozenset(
         p.name
         for fn in functions
         for p in inspect.signature(fn).parameters.values()
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
-    return sorted(set(kwargs) - named)
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
+    )
+
+
+def unknown_kwargs_messages(name: str, kwargs: dict) -> dict[str, str]:
+    """``{key: "unknown keyword for NAME (did you mean KEY?)"}`` for each key model ``name`` ignores."""
+    if not kwargs:
+        return {}
+    known = sorted(accepted_kwargs(name))
+    out = {}
+    for key in unknown_kwargs(name, None, kwargs):
+        close = difflib.get_close_matches(str(key), known, n=1)
+        out[key] = f"unknown keyword for {name}" + (f" (did you mean {close[0]}?)" if close else "")
+    return out
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
@@ -119,7 +150,14 @@ def build_model(
         kwargs[entry.max_dets_kwarg] = max_detections
     categories = None
     if weights.kind == "torchvision":
-        model = entry.builder(weights=weights.enum, **kwargs)
+        # torchvision's builder, with its one weights read routed to the hash-checked weights_only loader.
+        with torchvision_loads_safely() as loaded:
+            model = entry.builder(weights=weights.enum, **kwargs)
+        if weights.enum.url not in loaded:
+            raise WeightsError(
+                f"the builder of {name} did not read {weights.enum.url} through the project's safe loader; "
+                "refusing to use it (torchvision changed how it loads weights?)"
+            )
         categories = [{"label": i, "name": n} for i, n in enumerate(weights.categories() or [])] or None
     elif weights.kind == "checkpoint":
         ckpt = load_checkpoint(weights.path)

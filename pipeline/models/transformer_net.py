@@ -34,8 +34,8 @@ from torch import nn
 from pipeline.models.registry import check_state_dict
 from pipeline.models.weights import (
     WeightsError,
-    hub_checkpoint_dir,
     load_checkpoint,
+    load_hub_file,
     resolve_weights,
 )
 
@@ -267,8 +267,7 @@ def build_vgg(weights: str, *, device: str | torch.device = "cpu") -> Vgg16Featu
         enum = resolved.enum
         preset = getattr(enum.transforms, "keywords", {})
         vgg = Vgg16Features(mean=tuple(preset.get("mean", IMAGENET_MEAN)), std=tuple(preset.get("std", IMAGENET_STD)))
-        path = str(hub_checkpoint_dir() / os.path.basename(enum.url))
-        state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if _is_feature_key(k)}
+        state = {k: v for k, v in load_hub_file(enum.url).items() if _is_feature_key(k)}
     else:
         vgg = Vgg16Features()
         state = _vgg_state(resolved.path)

@@ -28,11 +28,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline import schema
 from pipeline.config.spec import StageSpec
-from pipeline.models.registry import build_model, check_state_dict, get_entry
+from pipeline.models.registry import build_model, check_state_dict, get_entry, unknown_kwargs_messages
 from pipeline.models.weights import load_checkpoint, resolve_weights
 from pipeline.stages.columns import ragged, ragged_boxes
 from pipeline.stages.common import batch_images, parse_boxes, prefixed
@@ -190,6 +191,23 @@ def check_weights(model: str, weights: str, num_classes: int | None) -> None:
         check_state_dict(built, ckpt["model"], resolved.path, model)
 
 
+def check_model_kwargs(spec: StageSpec, model: str, kwargs: dict[str, Any]) -> None:
+    """Raise a ValidationError at ``model_kwargs.KEY`` for each key ``model``'s builder would ignore.
+
+    torchvision hands unknown keywords to its transform, which drops them: a misspelt ``min_sise``
+    would run with the default. Checked when the spec is validated, before data or Ray.
+    """
+    problems = unknown_kwargs_messages(model, kwargs)
+    if problems:
+        raise ValidationError.from_exception_data(
+            type(spec).__name__,
+            [
+                InitErrorDetails(type=PydanticCustomError("unknown_model_kwarg", message), loc=("model_kwargs", key), input=kwargs[key])
+                for key, message in problems.items()
+            ],
+        )
+
+
 class DetectSpec(StageSpec):
     """Parameters of a ``detect`` stage (see jobs/detect.yaml)."""
 
@@ -223,6 +241,11 @@ class DetectSpec(StageSpec):
                 f"proposals_column needs an R-CNN model (fasterrcnn_*, maskrcnn_*, keypointrcnn_*); {model} has no RoI heads"
             )
         return value
+
+    @model_validator(mode="after")
+    def _known_model_kwargs(self) -> "DetectSpec":
+        check_model_kwargs(self, self.model, self.model_kwargs)
+        return self
 
     def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
         """Config key -> (column it names, Arrow type it must have): what must exist before this stage."""

@@ -36,7 +36,7 @@ from pipeline import schema
 from pipeline.config.spec import StageSpec
 from pipeline.models.registry import build_model
 from pipeline.models.weights import resolve_weights
-from pipeline.stages.detect import check_weights
+from pipeline.stages.detect import check_model_kwargs, check_weights
 from pipeline.stages.columns import ragged, ragged_boxes
 from pipeline.stages.common import batch_images, prefixed
 from pipeline.stages.rcnn import is_rcnn, require_rcnn, rpn_proposals
@@ -175,6 +175,12 @@ class ProposalsSpec(StageSpec):
         wrong = [k for k in foreign if k in self.model_fields_set]
         if wrong:
             raise ValueError(f"{', '.join(wrong)}: not used by method {self.method}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_model_kwargs(self) -> "ProposalsSpec":
+        if self.method == "rpn":
+            check_model_kwargs(self, self.model, self.model_kwargs)
         return self
 
     @classmethod

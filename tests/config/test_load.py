@@ -112,3 +112,55 @@ def test_every_shipped_spec_validates(job_file):
         assert TrainSpec.model_validate(data).epochs >= 1
     else:
         assert load_job(job_file).stages
+
+
+# --- model_kwargs of a stage are checked against the model's builder -------------------------------
+
+
+def test_misspelt_model_kwarg_is_an_error_naming_the_key_and_the_fix(tmp_path):
+    job = write(tmp_path, BASIC.replace("num_classes: 4", "num_classes: 4\n    model_kwargs: {min_size: 256, box_nms_tresh: 0.4}"))
+    with pytest.raises(ConfigError) as info:
+        load_job(job)
+    message = str(info.value)
+    assert (
+        "stages.0 (detect).model_kwargs.box_nms_tresh: unknown keyword for fasterrcnn_mobilenet_v3_large_320_fpn "
+        "(did you mean box_nms_thresh?)" in message
+    )
+    assert "min_size" not in message  # the right key is not reported
+    # the same through --set, for each stage type that takes model_kwargs
+    with pytest.raises(ConfigError, match=r"stages.0 \(detect\).model_kwargs.min_sise: unknown keyword .*did you mean min_size\?"):
+        load_job(write(tmp_path, BASIC), overrides=["stages.detect.model_kwargs.min_sise=256"])
+    with pytest.raises(ConfigError, match=r"stages.0 \(masks\).model_kwargs.min_sise: unknown keyword for maskrcnn_resnet50_fpn"):
+        load_job(REPO / "jobs" / "maskrcnn.yaml", overrides=["stages.masks.model_kwargs.min_sise=256"])
+    with pytest.raises(ConfigError, match=r"model_kwargs.num_keypionts: unknown keyword .*did you mean num_keypoints\?"):
+        load_job(REPO / "jobs" / "keypoints.yaml", overrides=["stages.0.model_kwargs.num_keypionts=3"])
+    rpn = "name: t\ninput: in\noutput: out\nstages:\n  - {name: p, type: proposals, method: rpn, model_kwargs: {rpn_pre_nms_top_n_tst: 9}}\n"
+    with pytest.raises(ConfigError, match=r"stages.0 \(p\).model_kwargs.rpn_pre_nms_top_n_tst: .*did you mean rpn_pre_nms_top_n_test\?"):
+        load_job(write(tmp_path, rpn, "rpn.yaml"))
+
+
+def test_valid_model_kwargs_of_builder_model_and_transform_pass(tmp_path):
+    kwargs = "{min_size: 256, trainable_backbone_layers: 2, box_nms_thresh: 0.4, size_divisible: 64}"  # builder, model, transform
+    job = load_job(write(tmp_path, BASIC.replace("num_classes: 4", "num_classes: 4\n    model_kwargs: " + kwargs)))
+    assert job.stages[0].model_kwargs["size_divisible"] == 64
+    spec = DetectSpec(name="d", type="detect", model="small_maskrcnn", model_kwargs={"fpn_channels": 32})  # a project model
+    assert spec.model_kwargs == {"fpn_channels": 32}
+    with pytest.raises(ValueError, match="model_kwargs.fpn_chanels\n.*did you mean fpn_channels"):
+        DetectSpec(name="d", type="detect", model="small_maskrcnn", model_kwargs={"fpn_chanels": 32})
+
+
+def test_misspelt_model_kwarg_fails_in_the_cli_before_ray(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import ray
+
+    from pipeline.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start for an invalid spec"))
+    result = CliRunner().invoke(
+        main, ["run", str(REPO / "jobs" / "maskrcnn.yaml"), "--set", "stages.masks.model_kwargs.min_sise=256",
+               "--input", str(tmp_path / "no-data"), "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "stages.0 (masks).model_kwargs.min_sise: unknown keyword for maskrcnn_resnet50_fpn (did you mean min_size?)" in result.output
+    assert not (tmp_path / "out").exists()
