@@ -97,6 +97,57 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
+def crop_run_lengths(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """COCO's uncompressed RLE counts of a ``height x width`` mask that is zero outside one crop.
+
+    ``crop`` (bool, (h, w)) holds the mask's rows ``y0..y0+h-1`` and columns ``x0..x0+w-1``; it
+    must lie inside the image. The counts are what pycocotools' ``rleEncode`` gives for the full
+    mask: run lengths in column-major (Fortran) order, the first run a run of zeros (possibly of
+    length 0), no empty run at the end. Only the crop is read, never a full-size array.
+    """
+    h, w = crop.shape
+    area = height * width
+    if not (0 <= y0 and y0 + h <= height and 0 <= x0 and x0 + w <= width):
+        raise ValueError(f"crop {h}x{w} at (y {y0}, x {x0}) is not inside the {height}x{width} image")
+    if crop.size == 0 or not crop.any():
+        return np.array([area], np.int64)
+    # Each crop column framed by a zero above and below: +1 where a run of ones starts, -1 after it ends.
+    framed = np.zeros((w, h + 2), np.int8)
+    framed[:, 1:-1] = crop.T
+    cols, rows = np.nonzero(np.diff(framed, axis=1))
+    # Index, in the full mask's column-major order, of the first pixel after each change. C order
+    # of nonzero() makes these non-decreasing; an equal pair is a run that ends at the bottom of
+    # one column (crop touches row height-1) and goes on at the top of the next (crop touches row
+    # 0): no change there in the full mask, so both go.
+    changes = (x0 + cols).astype(np.int64) * height + y0 + rows
+    same = changes[1:] == changes[:-1]
+    if same.any():
+        keep = np.ones(len(changes), bool)
+        keep[1:][same] = False
+        keep[:-1][same] = False
+        changes = changes[keep]
+    if changes[-1] == area:  # ones up to the last pixel: that run is the last count
+        changes = changes[:-1]
+    return np.diff(np.concatenate(([0], changes, [area])))
+
+
+def encode_mask_crops(crops: list[np.ndarray], offsets: list[tuple[int, int]], height: int, width: int) -> list[dict]:
+    """Binary masks given as crops -> compressed COCO RLEs at the full ``height x width``.
+
+    ``crops[i]`` (bool, (h, w)) sits at ``offsets[i] = (y0, x0)``; the mask is zero elsewhere. The
+    result is byte for byte what :func:`encode_masks` gives for the full-size masks, at the cost of
+    the crops only: the counts come from :func:`crop_run_lengths`, and pycocotools compresses them
+    into its string format exactly as it does for its own encoder.
+    """
+    if not crops:
+        return []
+    uncompressed = [
+        {"size": [height, width], "counts": crop_run_lengths(c, y0, x0, height, width)} for c, (y0, x0) in zip(crops, offsets)
+    ]
+    rles = mask_utils._mask.frUncompressedRLE(uncompressed, height, width)
+    return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
 def prefixed(columns: dict[str, pa.DataType], prefix: str) -> dict[str, pa.DataType]:
     """Output column names with a stage's ``output_prefix`` (``""`` keeps the schema names)."""
     return {prefix + name: dtype for name, dtype in columns.items()}

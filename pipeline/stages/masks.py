@@ -3,10 +3,20 @@
 Output per image: the detect stage's columns (``boxes`` xyxy float32, ``scores``, ``labels``,
 ``category_ids``; see :mod:`pipeline.stages.detect`) plus ``masks``: one compressed COCO RLE
 ``{"size": [height, width], "counts": str}`` per box, in the same order. A mask is the model's
-mask probability pasted into its box at the decoded image's size (torchvision does the pasting)
-and thresholded as ``probability > mask_threshold`` -- the rule of torchvision's COCO reference
-evaluation. Full-size masks exist only inside the stage; the output holds RLE strings, which is
-what COCO tools read and what keeps a shard small.
+mask probability pasted into its box at the decoded image's size and thresholded as
+``probability > mask_threshold`` -- the rule of torchvision's COCO reference evaluation. The
+output holds RLE strings, which is what COCO tools read and what keeps a shard small.
+
+Masks at detection speed: torchvision's ``paste_masks_in_image`` makes an (N, 1, H, W) float
+mask for every kept detection (up to ``max_detections``; ``score_threshold`` is applied before the
+mask head), and pasting plus encoding N full-size masks made a GPU run ~10x slower than the same
+backbone's boxes alone. The stage keeps the model's box-sized mask probabilities instead (:func:`masks_unpasted`), pastes each
+into its box only -- the same padding, box expansion, integer rounding and bilinear resize as
+torchvision's ``paste_mask_in_image``, so the same float values -- thresholds that crop, and
+builds the full-size RLE from the crop and its offset
+(:func:`pipeline.stages.common.encode_mask_crops`). The RLE strings are byte for byte those of
+pasting at full size and encoding (tests/stages/test_masks.py keeps that path as the reference;
+bench/masks.py measures both).
 
 Modes (keys shared with detect, see there):
 
@@ -20,18 +30,91 @@ Modes (keys shared with detect, see there):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, maskrcnn_inference
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
 
 from pipeline import schema
 from pipeline.models.registry import get_entry, list_models
-from pipeline.stages.common import batch_images, encode_masks, parse_boxes, parse_labels
+from pipeline.stages.common import batch_images, encode_mask_crops, parse_boxes, parse_labels
 from pipeline.stages.detect import DetectSpec, DetectStage
-from pipeline.stages.rcnn import heads_on_boxes
+from pipeline.stages.rcnn import _features, detect_from_proposals
+
+MASK_PROBS = "mask_probs"  # the key under which masks_unpasted leaves roi_heads' (N, 1, M, M) probabilities
+
+
+@contextlib.contextmanager
+def masks_unpasted(model: GeneralizedRCNN) -> Iterator[None]:
+    """Within: the model's outputs carry ``mask_probs`` (N, 1, M, M) in place of pasted ``masks``.
+
+    torchvision pastes every detection's mask at the full image size in
+    ``transform.postprocess``, which pastes whatever is under ``masks``. A forward hook on
+    ``roi_heads`` renames that key on its way out, so postprocess only rescales the boxes, and the
+    M x M probabilities reach the caller next to boxes in the original image's pixels. The same
+    full forward (or :func:`pipeline.stages.rcnn.detect_from_proposals`) runs; nothing else changes.
+    """
+
+    def hold_back(module, args, output):
+        for detections in output[0]:
+            if "masks" in detections:
+                detections[MASK_PROBS] = detections.pop("masks")
+
+    handle = model.roi_heads.register_forward_hook(hold_back)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def paste_in_boxes(
+    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float, padding: int = 1
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Box-sized masks ``probs`` (N, 1, M, M) pasted into ``boxes`` (N, 4 xyxy), thresholded, as crops.
+
+    Returns per box the bool crop ``probability > threshold`` of the image region the pasted mask
+    covers and its (y0, x0) offset: exactly the nonzero region of torchvision's
+    ``paste_masks_in_image(probs, boxes, image_size)[i, 0] > threshold``. The steps are
+    torchvision's (``expand_masks``/``expand_boxes`` on the whole tensors, int64 boxes, a bilinear
+    resize of the padded mask to the expanded box, the box's overlap with the image), on the
+    tensors' device; the crops come to the CPU in one copy.
+    """
+    if len(probs) == 0:
+        return [], []
+    im_h, im_w = image_size
+    padded, scale = expand_masks(probs, padding=padding)
+    expanded = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    crops, offsets, shapes = [], [], []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, expanded):
+        x0, x1 = max(bx0, 0), min(bx1 + 1, im_w)
+        y0, y1 = max(by0, 0), min(by1 + 1, im_h)
+        if x1 <= x0 or y1 <= y0:  # no pixel of the box in the image: an empty mask
+            offsets.append((0, 0))
+            shapes.append((0, 0))
+            continue
+        size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
+        resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=size, mode="bilinear", align_corners=False)[0, 0]
+        crops.append((resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold).reshape(-1))
+        offsets.append((y0, x0))
+        shapes.append((y1 - y0, x1 - x0))
+    flat = torch.cat(crops).cpu().numpy() if crops else np.zeros(0, bool)
+    ends = np.cumsum([h * w for h, w in shapes])
+    return [part.reshape(shape) for part, shape in zip(np.split(flat, ends[:-1]), shapes)], offsets
+
+
+def encode_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float) -> list[dict]:
+    """COCO RLEs of ``probs`` pasted into ``boxes`` at ``image_size`` and thresholded (see :func:`paste_in_boxes`)."""
+    crops, offsets = paste_in_boxes(probs, boxes, image_size, threshold)
+    return encode_mask_crops(crops, offsets, *image_size)
 
 
 class MasksStage(DetectStage):
@@ -63,18 +146,32 @@ class MasksStage(DetectStage):
         self.labels_column = labels_column
         self.writes = self.output_columns(output_prefix=self.output_prefix, boxes_column=boxes_column)
 
-    def to_numpy(self, output: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Threshold in torch, before anything full-size is copied: masks become bool (N, H, W)."""
-        masks = output.pop("masks")
-        out = super().to_numpy(output)
-        out["masks"] = (masks[:, 0] > self.mask_threshold).cpu().numpy()
-        return out
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray], proposals: list[np.ndarray] | None = None) -> list[dict]:
+        """As :meth:`DetectStage.predict`, plus ``masks``: a list of COCO RLE dicts per image.
+
+        The model runs without torchvision's full-size paste (:func:`masks_unpasted`); each kept
+        detection's mask is pasted into its box only and encoded from that crop.
+        """
+        tensors = self.to_tensors(images)
+        with masks_unpasted(self.model):
+            if proposals is None:
+                outputs = self.model(tensors)
+            else:
+                outputs = detect_from_proposals(self.model, tensors, [torch.from_numpy(p).to(self.device) for p in proposals])
+        results = []
+        for output, image in zip(outputs, images):
+            probs = output.pop(MASK_PROBS)
+            out = self.to_numpy(output)
+            out["masks"] = encode_in_boxes(probs, output["boxes"], image.shape[:2], self.mask_threshold)
+            results.append(out)
+        return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if not self.boxes_column:
             outputs = self.predict(batch_images(batch), self.read_proposals(batch))
             columns = self.columns(outputs)
-            columns[schema.MASKS] = pa.array([encode_masks(o["masks"]) for o in outputs], schema.MASKS_TYPE)
+            columns[schema.MASKS] = pa.array([o["masks"] for o in outputs], schema.MASKS_TYPE)
             return self.append(batch, columns)
         boxes = [parse_boxes(cell, self.boxes_column) for cell in batch[self.boxes_column].to_pylist()]
         num_classes = self.model.roi_heads.mask_predictor.mask_fcn_logits.out_channels
@@ -83,19 +180,35 @@ class MasksStage(DetectStage):
             for cell, b in zip(batch[self.labels_column].to_pylist(), boxes)
         ]
         masks = self.segment(batch_images(batch), boxes, labels)
-        return self.append(batch, {schema.MASKS: pa.array([encode_masks(m) for m in masks], schema.MASKS_TYPE)})
+        return self.append(batch, {schema.MASKS: pa.array(masks, schema.MASKS_TYPE)})
 
     @torch.inference_mode()
-    def segment(self, images: list[np.ndarray], boxes: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray]:
-        """Masks (bool, (N, H, W)) for given xyxy boxes and their model labels; only the mask head runs."""
-        probs = heads_on_boxes(
-            self.model,
-            self.to_tensors(images),
-            [torch.from_numpy(b).to(self.device) for b in boxes],
-            labels=[torch.from_numpy(lab).to(self.device) for lab in labels],
-            task="masks",
-        )
-        return [(p[:, 0] > self.mask_threshold).cpu().numpy() for p in probs]
+    def segment(self, images: list[np.ndarray], boxes: list[np.ndarray], labels: list[np.ndarray]) -> list[list[dict]]:
+        """COCO RLEs for given xyxy boxes and their model labels; only the mask head runs.
+
+        :func:`pipeline.stages.rcnn.heads_on_boxes` (``task="masks"``) without its full-size
+        paste: boxes are clipped to the image, the head runs on those with pixels inside, and their
+        masks are pasted into the clipped boxes; a box with nothing inside gets an empty mask.
+        """
+        model = self.model
+        heads = model.roi_heads
+        if heads.mask_roi_pool is None:
+            raise ValueError("this model has no mask head")
+        image_list, features, original = _features(model, self.to_tensors(images))
+        clipped = [box_ops.clip_boxes_to_image(torch.from_numpy(b).to(self.device), orig) for b, orig in zip(boxes, original)]
+        inside = [(c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1]) for c in clipped]
+        sizes = image_list.image_sizes
+        rois = [resize_boxes(c[k], orig, internal) for c, k, orig, internal in zip(clipped, inside, original, sizes)]
+        x = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
+        probs = maskrcnn_inference(x, [torch.from_numpy(lab).to(self.device)[k] for lab, k in zip(labels, inside)])
+        out = []
+        for prob, c, k, orig in zip(probs, clipped, inside, original):
+            crops, offsets = paste_in_boxes(prob, c[k], orig, self.mask_threshold)
+            pasted = iter(zip(crops, offsets))
+            empty = (np.zeros((0, 0), bool), (0, 0))
+            ordered = [next(pasted) if keep else empty for keep in k.tolist()]
+            out.append(encode_mask_crops([o[0] for o in ordered], [o[1] for o in ordered], *orig))
+        return out
 
 
 class MasksSpec(DetectSpec):

@@ -1,12 +1,15 @@
 """The masks stage returns what torchvision's Mask R-CNN returns, as COCO RLE, in every mode."""
 
 import copy
+import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
@@ -15,6 +18,8 @@ from pipeline import schema
 from pipeline.engine.actor import StageActor
 from pipeline.stages.masks import MasksSpec, MasksStage
 from tests.stages.helpers import assert_declared_types, boxes_of, make_batch, with_column
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Small settings: the R-CNN at ~160 px with few proposals; random RoI-head scores for 5 classes
 # are ~0.2, so a 0.05 threshold keeps max_detections boxes to compare.
@@ -217,3 +222,158 @@ def test_spec_validation():
         MasksSpec(name="m", type="masks", model="fasterrcnn_resnet50_fpn")
     with pytest.raises(ValueError, match="exclude each other"):
         MasksSpec(name="m", type="masks", boxes_column="boxes", proposals_column="proposals")
+
+
+# --- Masks at detection speed: the stage pastes into boxes only; the RLEs stay byte for byte ------
+#
+# The reference is the stage's path before that change, kept here: torchvision pastes every mask
+# at the full image size (its own forward, or rcnn.heads_on_boxes), the (N, H, W) masks are
+# thresholded in torch and pycocotools encodes them.
+
+SHIPPED = REPO_ROOT / "conf" / "models" / "small_maskrcnn_shapes.pth"
+
+
+def full_size_rles(masks: torch.Tensor, threshold: float) -> list[str]:
+    """Today's encoding of pasted (N, 1, H, W) probabilities: threshold in torch, pycocotools on all."""
+    binary = (masks[:, 0] > threshold).cpu().numpy()
+    if len(binary) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+    return [r["counts"].decode("ascii") for r in rles]
+
+
+def reference_rles(stage: MasksStage, images: list[np.ndarray]) -> tuple[list[list[str]], list[np.ndarray]]:
+    """RLE counts and boxes per image from the stage's own model run the old way (full forward, full paste)."""
+    with torch.inference_mode():
+        outputs = stage.model(stage.to_tensors(images))
+    return [full_size_rles(o["masks"], stage.mask_threshold) for o in outputs], [o["boxes"].numpy() for o in outputs]
+
+
+def counts(row: dict) -> list[str]:
+    return [m["counts"] for m in row[schema.MASKS]]
+
+
+def touching_border(boxes: np.ndarray, h: int, w: int) -> int:
+    return int(((boxes[:, 0] <= 0.5) | (boxes[:, 1] <= 0.5) | (boxes[:, 2] >= w - 0.5) | (boxes[:, 3] >= h - 0.5)).sum())
+
+
+def synth_batch(n: int, seed: int, size: int = 128) -> list[np.ndarray]:
+    from pipeline.data.synth import synth_image
+
+    return [np.asarray(Image.open(io.BytesIO(synth_image(seed, i, size)[0])).convert("RGB")) for i in range(n)]
+
+
+def test_shipped_model_rles_identical_to_full_size_paste():
+    """The shipped small_maskrcnn on held-out synthetic shapes: every RLE string as before."""
+    stage = MasksStage(model="small_maskrcnn", weights=str(SHIPPED), score_threshold=0.05, max_detections=100)
+    images = synth_batch(4, seed=300)
+    rows = stage(make_batch(images)).to_pylist()
+    expected, boxes = reference_rles(stage, images)
+    assert sum(len(e) for e in expected) >= 8
+    for row, exp, b in zip(rows, expected, boxes):
+        assert counts(row) == exp
+        np.testing.assert_array_equal(boxes_of(row), b)
+
+
+def test_low_threshold_random_model_many_border_boxes_identical():
+    """Random-init small_maskrcnn, score threshold 0, 100 detections per image: most boxes reach the
+    image border, and the random mask logits sit near 0 (probabilities near the 0.5 threshold), so
+    any difference in the pasted values would flip pixels. Still byte for byte."""
+    torch.manual_seed(1)
+    stage = MasksStage(model="small_maskrcnn", weights="none", num_classes=4, score_threshold=0.0, max_detections=100)
+    images = synth_batch(2, seed=7, size=112) + [synth_batch(1, seed=8, size=144)[0][:, :100]]  # one not square
+    rows = stage(make_batch(images[:2])).to_pylist() + stage(make_batch(images[2:])).to_pylist()
+    expected = reference_rles(stage, images[:2])[0] + reference_rles(stage, images[2:])[0]
+    boxes = reference_rles(stage, images[:2])[1] + reference_rles(stage, images[2:])[1]
+    assert sum(touching_border(b, *im.shape[:2]) for b, im in zip(boxes, images)) >= 50
+    mixed = 0
+    for row, exp, im in zip(rows, expected, images):
+        assert len(exp) == 100 and counts(row) == exp
+        decoded = decode(row)
+        mixed += int(((decoded.sum(axis=(1, 2)) > 0) & (decoded.sum(axis=(1, 2)) < decoded[0].size)).sum())
+    assert mixed > 100  # real masks, not all empty or all full
+
+
+def test_zero_detections_give_empty_lists():
+    stage = MasksStage(model="small_maskrcnn", weights=str(SHIPPED), score_threshold=1.0)
+    rows = stage(make_batch(synth_batch(2, seed=300))).to_pylist()
+    assert [r["masks"] for r in rows] == [[], []] and [r["boxes"] for r in rows] == [[], []]
+
+
+def test_boxes_column_rles_identical_to_heads_on_boxes_full_paste(head_stage, photos):
+    """Given boxes: partly outside on every side, zero width/height, sub-pixel, the whole image,
+    entirely outside; the same RLE strings as rcnn.heads_on_boxes (full-size paste) + encode."""
+    from pipeline.stages.rcnn import heads_on_boxes
+
+    h, w = photos[0].shape[:2]
+    boxes = [
+        [-15, -10, 40, 30], [w - 30, h - 25, w + 20, h + 40], [-5, 20, w + 5, 60], [30, -8, 50, h + 8],
+        [10, 10, 10, 40], [12, 30, 70, 30], [5.2, 5.2, 5.7, 5.9], [0, 0, w, h], [0, 0, 1, 1],
+        [w - 1, h - 1, w, h], [-80, -60, -20, -10], [w + 5, 10, w + 50, 40], [20.4, 15.6, 90.3, 77.7],
+    ]
+    labels = [1 + i % 4 for i in range(len(boxes))]
+    batch = with_column(make_batch(photos[:1] * 2), "boxes", [boxes, []], schema.BOXES_TYPE)
+    batch = with_column(batch, "labels", [labels, []], schema.IDS_TYPE)
+    rows = head_stage(batch).to_pylist()
+    with torch.inference_mode():
+        probs = heads_on_boxes(
+            head_stage.model, head_stage.to_tensors(photos[:1]), [torch.tensor(boxes, dtype=torch.float32)],
+            labels=[torch.tensor(labels)], task="masks",
+        )[0]
+    expected = full_size_rles(probs, head_stage.mask_threshold)
+    assert counts(rows[0]) == expected
+    areas = decode(rows[0]).sum(axis=(1, 2))
+    assert areas[[4, 5, 10, 11]].tolist() == [0, 0, 0, 0] and (areas[[0, 1, 2, 3, 7, 12]] > 0).all()
+    assert rows[1]["masks"] == []
+
+
+def test_paste_in_boxes_matches_torchvision_paste_for_any_box():
+    """The paste itself, on random probabilities and boxes anywhere (unclipped, inverted-free,
+    degenerate, much larger than the image), against torchvision's paste_masks_in_image."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from pipeline.stages.masks import encode_in_boxes
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        n = int(rng.integers(1, 12))
+        x1y1 = rng.uniform([-30, -30], [w + 10, h + 10], size=(n, 2))
+        size = rng.choice([0.0, 0.3, 5.0, 40.0, 150.0], size=(n, 2)) * rng.uniform(0.5, 1.0, size=(n, 2))
+        boxes = torch.tensor(np.concatenate([x1y1, x1y1 + size], axis=1), dtype=torch.float32)
+        probs = torch.rand(n, 1, 28, 28) if trial % 2 else torch.sigmoid(torch.randn(n, 1, 14, 14) * 0.05)
+        threshold = float(rng.choice([0.5, 0.3, 0.0]))
+        expected = []
+        for i in range(n):  # one by one: torchvision raises for some boxes wholly outside the image
+            try:
+                expected.append(full_size_rles(paste_masks_in_image(probs[i : i + 1], boxes[i : i + 1], (h, w)), threshold)[0])
+            except RuntimeError:
+                expected.append(None)
+        got = [r["counts"] for r in encode_in_boxes(probs, boxes, (h, w), threshold)]
+        for e, g in zip(expected, got):
+            if e is not None:
+                assert g == e
+                compared += 1
+    assert compared > 150
+
+
+def test_encode_mask_crops_equals_full_size_encode():
+    from pipeline.stages.common import crop_run_lengths, encode_mask_crops, encode_masks
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        h, w = (int(v) for v in rng.integers(1, 14, 2))
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        ch = int(rng.choice([h - y0, rng.integers(0, h - y0 + 1)]))  # often down to the last row
+        cw = int(rng.integers(0, w - x0 + 1))
+        if rng.random() < 0.3:
+            y0, ch = 0, h  # full columns: runs carry on from one column into the next
+        crop = rng.random((ch, cw)) < rng.choice([0.2, 0.6, 1.0])
+        full = np.zeros((1, h, w), bool)
+        full[0, y0 : y0 + ch, x0 : x0 + cw] = crop
+        assert encode_mask_crops([crop], [(y0, x0)], h, w) == encode_masks(full)
+    assert encode_mask_crops([], [], 4, 4) == []
+    assert crop_run_lengths(np.ones((4, 4), bool), 0, 0, 4, 4).tolist() == [0, 16]
+    with pytest.raises(ValueError, match="not inside"):
+        crop_run_lengths(np.ones((3, 3), bool), 2, 0, 4, 4)
