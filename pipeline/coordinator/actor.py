@@ -45,10 +45,10 @@ class Coordinator:
         """``{"admitted": bool, "position": int | None, "running": [ids]}``."""
         if job_id not in self.queue.entries:  # e.g. the coordinator restarted without this job
             self.queue.enqueue(job_id, self.records.get(job_id, {}).get("priority", 0))
-        admitted = self.queue.try_admit(job_id)
+        admitted = self.queue.try_admit(job_id)  # expires silent drivers first
         self._mark_lost()
-        if admitted:
-            self.records.setdefault(job_id, {})["state"] = "running"
+        if admitted and self.records.setdefault(job_id, {}).get("state") != "running":
+            self.records[job_id]["state"] = "running"
             self._save()
         running = [e.job_id for e in self.queue.entries.values() if e.state == "running"]
         return {"admitted": admitted, "position": self.queue.position(job_id), "running": running}
@@ -64,15 +64,21 @@ class Coordinator:
         self.records[job_id] = merged
         if state != "progress" or time.time() - self._saved_at > 5:
             self._save()
+        self._mark_lost()
 
     def heartbeat(self, job_id: str) -> None:
         self.queue.heartbeat(job_id)
+        self._mark_lost()
 
     # -- what people (and tests) read --------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
         self._mark_lost()
         record = self.records.get(job_id)
-        return None if record is None else {**record, "position": self.queue.position(job_id)}
+        if record is None:
+            return None
+        entry = self.queue.entries.get(job_id)
+        # last_seen: when the driver last reported (a heartbeat, a poll or progress), epoch seconds
+        return {**record, "position": self.queue.position(job_id), "last_seen": entry.last_seen if entry else None}
 
     def list(self) -> list[dict]:
         self._mark_lost()
@@ -90,9 +96,21 @@ class Coordinator:
 
     # -- persistence -------------------------------------------------------------------------
     def _mark_lost(self) -> None:
-        for job_id in self.queue.expire():
-            self.records.setdefault(job_id, {})["state"] = "lost"
-            self.records[job_id]["error"] = f"no heartbeat from the driver for {self.queue.lease_s:.0f} s"
+        """Bring the records in line with the queue, the one place that decides a job is lost.
+
+        The queue expires silent drivers whenever it is asked (``try_admit`` does so on every
+        poll of a waiting job), so its return value cannot be relied on here: instead every entry
+        the queue holds as ``lost`` whose record still says queued/running is marked now.
+        """
+        self.queue.expire()
+        changed = False
+        for job_id, entry in self.queue.entries.items():
+            record = self.records.setdefault(job_id, {})
+            if entry.state == "lost" and record.get("state", "queued") in ACTIVE:
+                record["state"] = "lost"
+                record["error"] = f"no heartbeat from the driver for {self.queue.lease_s:.0f} s"
+                changed = True
+        if changed:
             self._save()
 
     def _save(self) -> None:

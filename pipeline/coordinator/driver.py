@@ -73,7 +73,14 @@ class ClusterJob:
             self._printed_at = time.time()
         ray.get(self.coordinator.update.remote(self.job_id, state, fields))
         if state not in ("queued", "running", "progress"):
-            self._stop.set()
+            self.stop()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop sending heartbeats (the job ended); waits for the heartbeat thread to exit."""
+        self._stop.set()
+        beat = self._beat
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(self.heartbeat_s + 5 if timeout is None else timeout)
 
     def _start_heartbeats(self) -> None:
         def beat():

@@ -1,11 +1,13 @@
-"""A real two-node Ray cluster on loopback, started with `ray start` and torn down even on failure.
+"""A real Ray cluster on loopback, started with `ray start` and torn down even on failure.
 
-The head has 1 CPU and a `head_node` resource, the worker 2 CPUs and a `worker_node` resource, so
-a stage that asks for `worker_node` can only run on the worker. Both run from this venv (jobs
+``local_cluster`` (one per session): the head has 1 CPU and a `head_node` resource, the worker 2
+CPUs and a `worker_node` resource, so a stage that asks for `worker_node` can only run on the
+worker. ``start_cluster`` starts a head and any workers for a test of its own (test_node_loss.py:
+two workers, one of which it kills). Both run from this venv (jobs
 submitted through the Job API use the `python` on the node's PATH). Token auth is disabled and
 every address is loopback (see ../shared/NOTES-environment.md). The cluster has its own temp dir
 and ports, so it never touches the embedded Ray of other tests; it is stopped by killing the
-process groups of the two `ray start --block` commands, never with `ray stop` (which would stop
+process groups of the `ray start --block` commands, never with `ray stop` (which would stop
 every Ray on the machine).
 """
 
@@ -21,7 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -32,6 +35,7 @@ class LocalCluster:
     dashboard: str
     temp_dir: str
     env: dict
+    procs: list = field(default_factory=list)  # the `ray start --block` commands: head first, then workers
 
 
 def free_port() -> int:
@@ -63,12 +67,21 @@ def alive_nodes(dashboard: str) -> int:
 
 @pytest.fixture(scope="session")
 def local_cluster():
+    with start_cluster(workers=[{"num_cpus": 2, "resources": {"worker_node": 2}}]) as cluster:
+        yield cluster
+
+
+@contextmanager
+def start_cluster(workers: list[dict], extra_env: dict | None = None):
+    """A head (1 CPU, ``head_node``) and one worker node per entry of ``workers`` (``num_cpus``,
+    ``resources``), each its own `ray start --block` process group, all killed on exit."""
     bin_dir = os.path.dirname(sys.executable)
     env = {
         **os.environ,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **(extra_env or {}),
     }
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -78,11 +91,7 @@ def local_cluster():
         ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",
         "--num-cpus=1", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}",
-        f"--dashboard-agent-listen-port={free_port()}",  # two nodes on one host: each agent its own port
-    ]
-    worker_cmd = [
-        ray_bin, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=2", '--resources={"worker_node": 2}', f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",  # several nodes on one host: each agent its own port
     ]
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     procs: list[subprocess.Popen] = []
@@ -90,9 +99,15 @@ def local_cluster():
     try:
         procs.append(subprocess.Popen(head_cmd, env=env, start_new_session=True, stdout=log, stderr=log))
         wait_for(lambda: alive_nodes(dashboard) >= 1, 90, "head node", procs)
-        procs.append(subprocess.Popen(worker_cmd, env=env, start_new_session=True, stdout=log, stderr=log))
-        wait_for(lambda: alive_nodes(dashboard) >= 2, 90, "worker node", procs)
-        yield LocalCluster(gcs=f"127.0.0.1:{port}", dashboard=dashboard, temp_dir=temp_dir, env=env)
+        for n, worker in enumerate(workers, start=2):
+            worker_cmd = [
+                ray_bin, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={worker['num_cpus']}", f"--resources={json.dumps(worker['resources'])}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ]
+            procs.append(subprocess.Popen(worker_cmd, env=env, start_new_session=True, stdout=log, stderr=log))
+            wait_for(lambda: alive_nodes(dashboard) >= n, 90, f"worker node {n - 1}", procs)
+        yield LocalCluster(gcs=f"127.0.0.1:{port}", dashboard=dashboard, temp_dir=temp_dir, env=env, procs=procs)
     finally:
         for p in reversed(procs):
             _kill_group(p)

@@ -52,17 +52,29 @@ def load_probe_job(src: str, out: str, **stage):
     return validate(spec, "probe.yaml")
 
 
-def stage_actor_pids() -> list[int]:
-    """Pids of processes hosting a StageActor (Ray titles them ray::MapWorker(MapBatches(StageActor)))."""
+def stage_actor_pids(ray) -> list[int]:
+    """Pids of this job's live Ray Data map actors hosting a StageActor, and nothing else.
+
+    Found in this Ray instance's actor table (the GCS), filtered by this driver's job id, so a
+    StageActor of another job or another Ray on a shared host is never picked. ``ray_local`` has
+    no dashboard, so ``ray.util.state.list_actors`` (an HTTP API of the dashboard) is not
+    available; ``ray._private.state.actors`` reads the same table from the GCS directly. The
+    process title (``ray::MapWorker(MapBatches(StageActor))``) is checked as well, in case the pid
+    was already reused.
+    """
+    from ray._private import state
+
+    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"StageActor" in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
+    for actor in state.actors(job_id=job_id, actor_state_name="ALIVE").values():
+        if actor["JobID"] != job_id.hex() or not actor["Pid"] or "MapWorker" not in actor["ActorClassName"]:
+            continue
+        try:
+            with open(f"/proc/{actor['Pid']}/cmdline", "rb") as f:
+                if b"StageActor" in f.read():
+                    pids.append(actor["Pid"])
+        except OSError:
+            continue
     return pids
 
 
@@ -76,7 +88,7 @@ def test_killed_stage_actor_job_still_writes_every_row_once(ray_local, probe, ma
     deadline = time.time() + 120
     while runner.is_alive() and time.time() < deadline and killed is None:
         done = len([p for p in os.listdir(out) if p.endswith(".parquet")]) if os.path.isdir(out) else 0
-        pids = stage_actor_pids()
+        pids = stage_actor_pids(ray_local)
         if done >= 1 and pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
