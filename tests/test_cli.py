@@ -57,13 +57,23 @@ def test_user_errors_are_one_clean_line(tmp_path):
     assert missing.exit_code == 1 and "dataset not found" in missing.output
 
 
-def test_run_dry_run_prints_resolved_spec(tmp_path):
+def test_run_dry_run_prints_resolved_spec_and_runs_the_preflight(tmp_path, synth_ds):
     from tests.conftest import REPO
 
-    result = CliRunner().invoke(main, ["run", str(REPO / "jobs" / "detect.yaml"), "--dry-run", "--set", "stages.detect.batch_size=7", "--address", "auto"])
+    detect = str(REPO / "jobs" / "detect.yaml")
+    args = ["run", detect, "--dry-run", "--input", synth_ds, "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args + ["--set", "stages.detect.batch_size=7", "--address", "auto"])
     assert result.exit_code == 0, result.output
-    spec = json.loads(result.output)
+    spec = json.loads(result.stdout)
     assert spec["stages"][0]["batch_size"] == 7 and spec["ray"]["address"] == "auto"
+    assert "preflight passed; 3 of 3 shard(s) (24 rows) would be processed" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+    # What a real run refuses, a dry run refuses too (it once passed both of these).
+    missing = CliRunner().invoke(main, ["run", detect, "--dry-run", "--input", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1 and "input: dataset not found" in missing.output
+    hub = CliRunner().invoke(main, args + ["--set", "stages.detect.weights=DEFAULT"], env={"TORCH_HOME": str(tmp_path / "empty-hub")})
+    assert hub.exit_code == 1 and "not in the torch hub cache" in hub.output
 
 
 def test_help_and_version_load_no_heavy_library():
@@ -87,3 +97,27 @@ def test_help_and_version_load_no_heavy_library():
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     heavy = {"torch", "torchvision", "ray", "pyarrow", "cv2", "matplotlib", "pandas", "pydantic"}
     assert not heavy & loaded, f"--help imports {sorted(heavy & loaded)}"
+
+
+def test_hints_for_the_usual_first_mistakes(tmp_path, synth_ds):
+    """A folder of photos given as --input, and Ray failing to start: say what to do, and never
+    suggest --resume for a run that did nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    photos = str(REPO / "tests" / "fixtures" / "images" / "skimage")
+    folder = CliRunner().invoke(main, ["run", str(REPO / "jobs" / "detect.yaml"), "--input", photos, "--dry-run"])
+    assert folder.exit_code == 1 and f"pipeline data import-images {photos} DATASET" in folder.output
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "RAY_TMPDIR": str(blocker / "ray")}  # a temporary folder Ray cannot create
+    cmd = [sys.executable, "-m", "pipeline", "run", str(REPO / "jobs" / "detect.yaml"), "--input", synth_ds, "--output", str(tmp_path / "o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1
+    assert "Ray did not start" in result.stderr and "no image was processed" in result.stderr and "RAY_TMPDIR" in result.stderr
+    assert "--resume" not in result.stderr
+    assert not list((tmp_path / "o").glob("part-*"))

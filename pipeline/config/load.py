@@ -1,7 +1,7 @@
 """YAML job files -> a validated :class:`JobSpec`, with ``extends:`` and ``--set`` overrides.
 
 Order of precedence (later wins): the ``extends:`` chain (paths relative to the file that names
-them), the job file itself, ``--set KEY=VALUE`` overrides, then ``--input``/``--output``.
+them, then to the working directory), the job file itself, ``--set KEY=VALUE`` overrides, then ``--input``/``--output``.
 
 Every error names the file and the dotted key, e.g.
 ``jobs/detect.yaml: stages.detect.score_threshold: Input should be a valid number``.
@@ -10,12 +10,14 @@ Every error names the file and the dotted key, e.g.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config.paths import PATH_MARK, find_relative, is_path
 from pipeline.config.spec import JobSpec, StageSpec
 
 
@@ -43,8 +45,53 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else list(bases):
-        merged = deep_merge(merged, read_yaml(path.parent / base, _seen + (path.resolve(),)))
+        found, tried = find_relative(str(base), path.parent)
+        if found is None:
+            raise ConfigError(f"{path}: extends: {base} not found (tried {_tried(tried)})")
+        merged = deep_merge(merged, read_yaml(found, _seen + (path.resolve(),)))
     return deep_merge(merged, data)
+
+
+def _tried(places: list[str]) -> str:
+    return " and ".join(places)
+
+
+def path_settings(spec_cls: type[StageSpec]) -> list[str]:
+    """The stage fields that hold file paths (declared with ``path_field``)."""
+    return [
+        key
+        for key, info in spec_cls.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(PATH_MARK)
+    ]
+
+
+def resolve_paths(raw: dict, spec_cls: type[StageSpec], base_dir: Path | None) -> None:
+    """Point the stage's relative file settings at the file beside the job file, if it is there.
+
+    In place. A file found nowhere is left as written: whether it must exist is a preflight
+    question (a spec may be validated before its model is trained), answered by
+    :func:`missing_files`.
+    """
+    for key in path_settings(spec_cls):
+        value = raw.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            found, _ = find_relative(value, base_dir)
+            if found is not None:
+                raw[key] = found
+
+
+def missing_files(stage: StageSpec, base_dir: Path | None) -> list[str]:
+    """``KEY: file X not found (tried ...)`` for each file setting of ``stage`` that names no file.
+
+    A value that may be a name rather than a path (``DEFAULT``, ``none``) is the stage's to judge.
+    """
+    problems = []
+    for key in path_settings(type(stage)):
+        value = getattr(stage, key)
+        if isinstance(value, str) and is_path(value) and not os.path.exists(value):
+            tried = [value] if os.path.isabs(value) else find_relative(value, base_dir)[1]
+            problems.append(f"{key}: file {value} not found (tried {_tried(tried)})")
+    return problems
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -104,8 +151,11 @@ def _list_index(items: list, key: str, where: str, source: str) -> int:
     return names.index(key)
 
 
-def validate(data: dict, source: str) -> JobSpec:
-    """Validate a merged mapping into a JobSpec; every error names ``source`` and the key."""
+def validate(data: dict, source: str, base_dir: Path | None = None) -> JobSpec:
+    """Validate a merged mapping into a JobSpec; every error names ``source`` and the key.
+
+    ``base_dir``: the job file's folder, where relative file settings are looked up first.
+    """
     from pipeline.stages import get_stage_spec, list_stages  # the registry imports stage modules
 
     data = copy.deepcopy(data)
@@ -130,6 +180,7 @@ def validate(data: dict, source: str) -> JobSpec:
             if spec_cls is None:
                 problems.append(f"{where}.type: unknown stage type {stage_type!r} (known: {', '.join(list_stages())})")
                 continue
+            resolve_paths(raw, spec_cls, base_dir)
             try:
                 spec = spec_cls.model_validate(raw)
             except ValidationError as exc:
@@ -181,7 +232,7 @@ def load_job(
         data["input"] = input
     if output is not None:
         data["output"] = output
-    return validate(data, str(path))
+    return validate(data, str(path), base_dir=Path(path).parent)
 
 
 def dump(job: JobSpec) -> dict:

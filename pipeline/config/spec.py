@@ -42,6 +42,14 @@ class StageSpec(Strict):
     def preflight(self) -> None:
         """Cheap checks that must fail before any data is read (e.g. weights files present)."""
 
+    def model_categories(self) -> list[dict] | None:
+        """``[{"label", "name"}, ...]``: what the stage's model calls each label, if its weights say.
+
+        Called at preflight. A job whose input names no categories writes these as its output's
+        categories (then ``category_ids`` equal the labels), so names survive to exports and pictures.
+        """
+        return None
+
     @classmethod
     def stage_class(cls) -> type:
         raise NotImplementedError

@@ -43,7 +43,16 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
-        raise SubmitError(f"cannot reach the Ray Job API at {address}: {exc}") from None
+        how = (
+            "set --address (or RAY_ADDRESS) to the cluster's dashboard, e.g. http://HEAD:8265"
+            if address == DEFAULT_ADDRESS
+            else "check the address and that the cluster's dashboard is up"
+        )
+        raise SubmitError(
+            f"cannot reach the Ray Job API at {address} ({exc}). No cluster answers there: {how}, or start one "
+            "(`ray start --head --dashboard-host 127.0.0.1` here, or docker-compose up / KubeRay: see the README's "
+            "'Run on a cluster'). A job can also run without a cluster: pipeline run JOB.yaml"
+        ) from None
 
 
 def new_job_id(name: str) -> str:

@@ -9,8 +9,8 @@ Layout (local folder or any pyarrow filesystem URI such as ``s3://bucket/prefix`
       ...
 
 Shards are the unit of parallelism, of resumption and of output naming: a job writes one output
-shard per input shard, under the same name. Shard files are written to a temporary name and
-renamed, so a reader never sees half a shard.
+shard per input shard, under the same name. A file appears under its final name only when it is
+complete, so a reader never sees half a shard (``publish_bytes`` says how, per filesystem).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -28,6 +28,12 @@ import pyarrow.parquet as pq
 
 DATASET_JSON = "dataset.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
+# Parquet key-value metadata a job writes into each output shard: what it is the output of (JSON),
+# so a resumed run can tell its own finished shard from a foreign file under the same name.
+STAMP_KEY = "pipeline.stamp"
+# Filesystems whose rename is atomic (within one volume): files are written to a temporary name and
+# renamed. On the others (object stores: s3, gcs, abfs...) a "move" is a copy plus a delete.
+RENAME_IS_ATOMIC = frozenset({"local", "hdfs", "mock"})
 
 
 class DatasetError(ValueError):
@@ -113,7 +119,7 @@ def write_meta(path: str, meta: DatasetMeta) -> None:
     fs, root = resolve(path)
     fs.create_dir(root, recursive=True)
     data = json.dumps(meta.to_json(), indent=2).encode("utf-8")
-    _atomic_write_bytes(fs, posixpath.join(root, DATASET_JSON), data)
+    publish_bytes(fs, posixpath.join(root, DATASET_JSON), data)
 
 
 def shard_rows(shard: str) -> int:
@@ -145,20 +151,115 @@ def iter_shard(shard: str, batch_rows: int, columns: list[str] | None = None) ->
             yield pa.Table.from_batches([batch])
 
 
-def write_shard(path: str, table: pa.Table) -> None:
-    """Write one shard atomically (temporary name, then rename)."""
+def renames_atomically(fs: pafs.FileSystem) -> bool:
+    return fs.type_name in RENAME_IS_ATOMIC
+
+
+def write_shard(path: str, table: pa.Table, stamp: Mapping | None = None) -> None:
+    """Write one shard so that it appears under ``path`` complete or not at all (``publish_bytes``).
+
+    ``stamp`` (JSON-able) is stored in the file's key-value metadata under ``STAMP_KEY``; a job
+    stamps its outputs so that ``check_shard`` recognises them on ``--resume``.
+    """
+    if stamp is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[STAMP_KEY.encode()] = json.dumps(stamp, sort_keys=True).encode("utf-8")
+        table = table.replace_schema_metadata(meta)
     fs, p = resolve(path)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, p)
+    if renames_atomically(fs):
+        fs.create_dir(posixpath.dirname(p), recursive=True)
+        tmp = _tmp_name(p)
+        try:
+            pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+            fs.move(tmp, p)
+        except BaseException:
+            _remove_quietly(fs, tmp)
+            raise
+    else:
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        publish_bytes(fs, p, buf.getvalue())
 
 
-def _atomic_write_bytes(fs: pafs.FileSystem, p: str, data: bytes) -> None:
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, p)
+def publish_bytes(fs: pafs.FileSystem, p: str, data: bytes | pa.Buffer) -> None:
+    """Make ``data`` appear at ``p`` whole or not at all, replacing what was there.
+
+    The guarantee, per filesystem:
+
+    * local (and other ``RENAME_IS_ATOMIC``) filesystems: write a temporary file beside ``p``, then
+      rename it over ``p``. rename(2) is atomic: readers see the old file or the new one. A killed
+      writer leaves at most a ``*.tmp-XXXXXXXX`` file, which no reader lists (not ``*.parquet``).
+    * object stores (S3, MinIO, GCS...): there is no atomic rename (pyarrow's ``move`` on S3 is a
+      copy and then a delete, so a reader or a crash in between sees a half-published state), but
+      an object write is atomic: S3 makes an object visible only when its PutObject or
+      CompleteMultipartUpload succeeds. pyarrow's S3 output stream uploads parts as they fill
+      and completes the multipart upload only in ``close()``, so the payload, fully serialised
+      in memory beforehand, goes to the final name in one ``write`` followed by ``close``. A
+      writer killed before ``close`` leaves no object, only an incomplete multipart upload that
+      is invisible to readers (a bucket lifecycle rule ``AbortIncompleteMultipartUpload`` reclaims
+      its parts). ``close`` fails without completing if a part failed to upload. Nothing is ever
+      passed to the stream before the payload is whole: pyarrow's stream *completes* the upload
+      when it is closed by ``with`` after an exception, or by its destructor, so streaming a
+      Parquet writer straight into it could publish a truncated file.
+
+    Whichever way, a reader can still meet a file at a shard's name that this code did not write
+    complete (a hand copy, an older version's crash, another tool): ``check_shard`` is what decides,
+    on resume, whether an existing file is a finished shard.
+    """
+    if renames_atomically(fs):
+        tmp = _tmp_name(p)
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, p)
+        except BaseException:
+            _remove_quietly(fs, tmp)
+            raise
+    else:
+        stream = fs.open_output_stream(p)
+        stream.write(data)
+        stream.close()
+
+
+# Kept for callers of the old private name.
+_atomic_write_bytes = publish_bytes
+
+
+def _tmp_name(p: str) -> str:
+    return f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_quietly(fs: pafs.FileSystem, p: str) -> None:
+    try:
+        fs.delete_file(p)
+    except OSError:
+        pass
+
+
+def check_shard(path: str, *, rows: int, stamp: Mapping | None = None) -> str | None:
+    """Why the file at ``path`` is not a finished shard of ``rows`` rows stamped ``stamp``; None if it is.
+
+    Reads only the Parquet footer (one ranged read on an object store). Anything that is not a
+    readable Parquet file (truncated, empty, another format), has another row count, or (when
+    ``stamp`` is given) lacks that exact stamp is reported, so that the caller rewrites it.
+    """
+    try:
+        fs, p = resolve(path)
+        with fs.open_input_file(p) as f:
+            md = pq.ParquetFile(f).metadata
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError
+        return f"not a readable Parquet file ({' '.join(str(exc).split())[:200]})"
+    if md.num_rows != rows:
+        return f"holds {md.num_rows} rows, its input shard {rows}"
+    if stamp is not None:
+        raw = (md.metadata or {}).get(STAMP_KEY.encode())
+        try:
+            found = json.loads(raw.decode("utf-8")) if raw is not None else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            found = None
+        if found != json.loads(json.dumps(stamp, sort_keys=True)):
+            return "not stamped by a job" if found is None else f"written by another job or for another shard (stamp {found})"
+    return None
 
 
 def prepare_output(out: str, *, overwrite: bool) -> None:

@@ -11,7 +11,8 @@ The plan, in data-flow order (``build_plan``)::
 Why the driver writes: output shard ``OUT/part-00007.parquet`` holds exactly the rows of input
 shard ``part-00007.parquet``, deduplicated by their row index, so names are deterministic, a row
 is never written twice even if Ray retries a task or restarts an actor, and finished shards are
-skipped on resume (``resume=True``: a shard whose output exists with all its rows is not read).
+skipped on resume (``resume=True``: a shard whose output exists whole, with all its rows and this
+job's stamp, is not read; see ``_finished_shards``).
 Only prediction columns travel to the driver (no pixels, no image bytes).
 
 The job's record, ``OUTPUT/job.json`` (spec, state, timings, counts, metrics), is written when the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import posixpath
 import signal
@@ -30,21 +32,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema
-from pipeline.config.load import ConfigError, dump
+from pipeline.config.load import ConfigError, dump, missing_files
 from pipeline.config.spec import JobSpec
 from pipeline.data.decode import decode_batch
+from pipeline.data.importers import IMAGE_EXTENSIONS
 from pipeline.data.info import dataset_info
 from pipeline.data.shards import (
     DatasetError,
     DatasetMeta,
+    check_shard,
     iter_shard,
     join,
     list_shards,
+    publish_bytes,
     read_meta,
     read_shard,
     resolve,
@@ -65,6 +71,10 @@ class JobError(RuntimeError):
     pass
 
 
+class RayStartError(JobError):
+    """Ray could not be started or joined: the job processed nothing (rerun as is, no --resume)."""
+
+
 class JobCancelled(RuntimeError):
     """Raised in the driver when the job is stopped (SIGTERM from ``pipeline jobs cancel``)."""
 
@@ -82,6 +92,14 @@ class Plan:
     meta: DatasetMeta
     stage_kwargs: list[dict] = field(default_factory=list)
     finished: set[int] = field(default_factory=set)  # shards already in the output (resume)
+    model_categories: list[dict] | None = None  # [{"label", "name"}] of the first stage whose weights name them
+
+    @property
+    def categories(self) -> list[dict]:
+        """The output's categories: the input's, or else the model's (``category_ids`` are then its labels)."""
+        if self.meta.categories or not self.model_categories:
+            return self.meta.categories
+        return [{"id": c["label"], "name": c["name"]} for c in self.model_categories]
 
     @property
     def pending(self) -> list[int]:
@@ -93,13 +111,18 @@ def preflight(job: JobSpec, source: str, *, overwrite: bool = False, resume: boo
 
     ``resume``: output shards that exist with all their rows are kept and not recomputed, provided
     the output was written by the same stages (resource keys aside); anything else is refused.
+    An existing file counts as finished only if ``check_shard`` accepts it (``_finished_shards``);
+    any other file under a shard's name is rewritten.
     """
     try:
         shards = list_shards(job.input)
     except DatasetError as exc:
-        raise ConfigError(f"{source}: input: {exc}") from exc
+        raise ConfigError(f"{source}: input: {exc}{_import_hint(job.input)}") from exc
     meta = read_meta(job.input)
     for i, stage in enumerate(job.stages):
+        missing = missing_files(stage, Path(source).parent if os.path.isfile(source) else None)
+        if missing:
+            raise ConfigError(f"{source}: stages.{i} ({stage.name}).{missing[0]}")
         try:
             stage.preflight()
         except Exception as exc:  # noqa: BLE001 - weights/model problems are reported as config errors
@@ -112,11 +135,24 @@ def preflight(job: JobSpec, source: str, *, overwrite: bool = False, resume: boo
         )
     rows = [shard_rows(s) for s in shards]
     plan = Plan(job, shards, rows, meta, [s.stage_kwargs(meta.categories) for s in job.stages])
+    plan.model_categories = next((c for c in (s.model_categories() for s in job.stages) if c), None)
     if resume and existing and not overwrite:
         _check_same_work(job, source)
-        done = {posixpath.basename(p): shard_rows(p) for p in existing}
-        plan.finished = {i for i, s in enumerate(shards) if done.get(posixpath.basename(s)) == rows[i]}
+        plan.finished = _finished_shards(job, shards, rows, existing)
     return plan
+
+
+def _import_hint(path: str) -> str:
+    """A folder of image files given as --input: say how to make it a dataset."""
+    if "://" in path or not os.path.isdir(path):
+        return ""
+    for entry in os.scandir(path):
+        if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            return (
+                f"; {path} holds image files, not a dataset of shards: import it first with "
+                f"`pipeline data import-images {path} DATASET`, then pass --input DATASET"
+            )
+    return ""
 
 
 def row_affecting(spec: dict) -> dict:
@@ -151,6 +187,43 @@ def _existing_outputs(output: str) -> list[str]:
         return list_shards(output)
     except DatasetError:
         return []
+
+
+def job_fingerprint(job: JobSpec) -> str:
+    """Hash of the row-affecting settings (``row_affecting``): equal for runs that write the same rows."""
+    import hashlib
+    import json
+
+    text = json.dumps(row_affecting(dump(job)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def shard_stamp(fingerprint: str, name: str) -> dict:
+    """What an output shard carries in its Parquet metadata: which job wrote it, for which input shard."""
+    return {"job": fingerprint, "shard": name}
+
+
+def _finished_shards(job: JobSpec, shards: list[str], rows: list[int], existing: list[str]) -> set[int]:
+    """Indices of input shards whose output a resumed run keeps.
+
+    Kept: a readable Parquet file at the shard's name, with the input shard's row count and this
+    job's stamp for this shard name (``check_shard``; only footers are read). Anything else under
+    that name (truncated or foreign bytes, a shard of another job or another shard's copy, an
+    older version's unstamped file) is rewritten by the run, and said so here.
+    """
+    fingerprint = job_fingerprint(job)
+    present = {posixpath.basename(p): p for p in existing}
+    finished = set()
+    for i, shard in enumerate(shards):
+        name = posixpath.basename(shard)
+        if name not in present:
+            continue
+        why = check_shard(present[name], rows=rows[i], stamp=shard_stamp(fingerprint, name))
+        if why is None:
+            finished.add(i)
+        else:
+            print(f"--resume: {name} in {job.output} is not a finished shard of this job ({why}); it is rewritten", flush=True)
+    return finished
 
 
 def read_shard_rows(batch: pa.Table, *, shards: list[str], batch_rows: int):
@@ -217,6 +290,8 @@ class ShardCollector:
         self.seen: dict[int, set[int]] = {}
         self.done: set[int] = set()
         self.rows_out = self.error_rows = 0
+        self.boxes = self.unmapped_boxes = 0  # category_ids values, and those that are -1
+        self.fingerprint = job_fingerprint(plan.job)  # stamped into each shard, checked on --resume
 
     def add(self, batch: pa.Table) -> int:
         """Take one streamed batch; returns how many new rows it brought."""
@@ -239,10 +314,14 @@ class ShardCollector:
         table = pa.concat_tables(self.buffers.pop(index))
         table = table.sort_by(ROW).drop_columns([SHARD, ROW])
         name = posixpath.basename(self.plan.shards[index])
-        write_shard(join(self.plan.job.output, name), table)
+        write_shard(join(self.plan.job.output, name), table, stamp=shard_stamp(self.fingerprint, name))
         self.done.add(index)
         self.rows_out += table.num_rows
         self.error_rows += table.num_rows - table[schema.ERROR].null_count
+        for column in (c for c in table.column_names if c.endswith(schema.CATEGORY_IDS)):
+            ids = pc.list_flatten(table[column])
+            self.boxes += len(ids)
+            self.unmapped_boxes += pc.sum(pc.equal(ids, -1)).as_py() or 0
 
 
 def run_job(
@@ -282,7 +361,10 @@ def run_job(
     started_ray = False
     stop = {"cancelled": False}
     try:
-        started_ray = _ensure_ray(job)
+        try:
+            started_ray = _ensure_ray(job)
+        except Exception as exc:  # noqa: BLE001 - whatever ray.init raises, no work was done
+            raise RayStartError(f"Ray did not start ({error_message(exc)})") from exc
         with _cancel_on_sigterm() as stop:  # after ray.init, which installs a SIGTERM handler of its own
             if admit is not None:
                 emit("queued")
@@ -293,7 +375,7 @@ def run_job(
             write_meta(
                 job.output,
                 DatasetMeta(
-                    categories=plan.meta.categories,
+                    categories=plan.categories,
                     info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
                     kind="predictions",
                 ),
@@ -377,6 +459,26 @@ def execute(plan: Plan, *, progress: bool = True, on_shard: Callable[[int, int],
         "shards_skipped": len(plan.finished),
         "images_per_s": round(collector.rows_out / wall, 3) if wall > 0 else None,
         "wall_s": round(wall, 3),
+        **_unmapped_warning(plan, collector),
+    }
+
+
+def _unmapped_warning(plan: Plan, collector: ShardCollector) -> dict:
+    """``{"warnings": [...]}`` when most boxes got category -1: the model's classes are not the input's.
+
+    Every box then drops out of exports and evaluation, silently; say so with both name lists.
+    """
+    if not collector.boxes or collector.unmapped_boxes * 2 <= collector.boxes:
+        return {}
+    model = ", ".join(c["name"] for c in plan.model_categories or []) or "unnamed labels (weights carry no names)"
+    dataset = ", ".join(str(c.get("name")) for c in plan.meta.categories) or "none"
+    share = collector.unmapped_boxes / collector.boxes
+    return {
+        "warnings": [
+            f"{collector.unmapped_boxes} of {collector.boxes} boxes ({share:.0%}) map to no category of the input "
+            f"(category_ids -1, left out of exports and evaluation). The model's categories: {model}; the input's: "
+            f"{dataset}. Set the stage's category_map (by_name, identity, or {{label: category_id}}) if they correspond."
+        ]
     }
 
 
@@ -418,15 +520,12 @@ def metric_types(job: JobSpec) -> list[str]:
 
 
 def write_record(output: str, record: dict) -> None:
-    """Write ``OUTPUT/job.json`` atomically (readers never see half a record)."""
+    """Write ``OUTPUT/job.json`` atomically (readers never see half a record; ``publish_bytes``)."""
     import json
 
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
-    tmp = posixpath.join(root, f".job.json.tmp-{os.getpid()}")
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(record, indent=2, default=str).encode("utf-8"))
-    fs.move(tmp, posixpath.join(root, JOB_JSON))
+    publish_bytes(fs, posixpath.join(root, JOB_JSON), json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
 def read_record(output: str) -> dict | None:
@@ -485,6 +584,9 @@ def _ensure_ray(job: JobSpec) -> bool:
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # a failed job reports the stage's error, not Ray's wrapper
     log_once("ray_data_progress_manager_disabled")  # mark Ray's "progress bars disabled" notice as shown
+    # Ray's INFO lines ("Started a local Ray instance", "execution finished in ...") say nothing the
+    # progress bar and the summary do not; warnings and errors still show.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
     if job.ray.address:
@@ -495,10 +597,10 @@ def _ensure_ray(job: JobSpec) -> bool:
 
         submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         runtime_env = None if submitted else {"py_modules": [os.path.dirname(pipeline.__file__)]}
-        ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # address="local": always a new embedded instance, never a cluster someone started here.
-        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     return True
 
 

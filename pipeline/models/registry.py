@@ -158,7 +158,7 @@ def build_model(
                 f"the builder of {name} did not read {weights.enum.url} through the project's safe loader; "
                 "refusing to use it (torchvision changed how it loads weights?)"
             )
-        categories = [{"label": i, "name": n} for i, n in enumerate(weights.categories() or [])] or None
+        categories = weights.categories()
     elif weights.kind == "checkpoint":
         ckpt = load_checkpoint(weights.path)
         if ckpt.get("model_name") not in (None, name):
@@ -168,7 +168,7 @@ def build_model(
         check_state_dict(model, ckpt["model"], weights.path, name)
         model.load_state_dict(ckpt["model"])
         if ckpt.get("categories"):
-            categories = [{"label": c["label"], "name": c["name"]} for c in ckpt["categories"]]
+            categories = [{"label": int(c["label"]), "name": str(c["name"])} for c in ckpt["categories"]]
     else:
         # Seeded, so every actor of a pool and every (resumed) run builds the same random model.
         with torch.random.fork_rng(devices=[]):

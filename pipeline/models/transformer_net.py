@@ -239,9 +239,12 @@ def gram_matrix(y: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def check_vgg_weights(weights: str) -> None:
-    """Fail early (no tensors built) if ``weights`` cannot give VGG-16 features on this machine."""
-    resolved = resolve_weights(VGG_MODEL, weights)
+def check_vgg_weights(weights: str, *, setting: str = "vgg_weights") -> None:
+    """Fail early (no tensors built) if ``weights`` cannot give VGG-16 features on this machine.
+
+    ``setting``: how the user chose them (the stage key, or train-style's ``--vgg-weights``).
+    """
+    resolved = resolve_weights(VGG_MODEL, weights, setting=setting)
     if resolved.kind == "checkpoint":
         _vgg_state(resolved.path)
 

@@ -38,6 +38,8 @@ import torch
 from torchvision.models import get_model_weights
 from torchvision.models._api import WeightsEnum
 
+from pipeline.config.paths import is_path
+
 
 class WeightsError(RuntimeError):
     """Weights that cannot be used; the message says which file to provide and where."""
@@ -49,10 +51,20 @@ class ResolvedWeights:
     enum: WeightsEnum | None = None
     path: str | None = None
 
-    def categories(self) -> list[str] | None:
-        """Category names indexed by model label, when the weights carry them."""
+    def categories(self) -> list[dict] | None:
+        """What each model label means, ``[{"label": int, "name": str}, ...]``, when the weights say.
+
+        torchvision weights carry names in their meta (COCO's ``__background__`` and ``N/A``
+        placeholders are left out: no box is ever given those labels); project checkpoints carry
+        ``categories`` (the file is read, safely, once more: call this at preflight, not per batch).
+        Random weights (``none``) and bare state dicts name nothing: None.
+        """
         if self.enum is not None:
-            return list(self.enum.meta.get("categories") or []) or None
+            names = self.enum.meta.get("categories") or []
+            return [{"label": i, "name": n} for i, n in enumerate(names) if n not in ("__background__", "N/A")] or None
+        if self.kind == "checkpoint":
+            listed = load_checkpoint(self.path).get("categories") or []
+            return [{"label": int(c["label"]), "name": str(c["name"])} for c in listed] or None
         return None
 
 
@@ -60,12 +72,12 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def is_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt")) or weights.startswith(".")
+def resolve_weights(model_name: str, weights: str, *, setting: str = "weights") -> ResolvedWeights:
+    """Resolve a ``weights`` setting without loading tensors; raise WeightsError if unusable.
 
-
-def resolve_weights(model_name: str, weights: str) -> ResolvedWeights:
-    """Resolve a ``weights`` setting without loading tensors; raise WeightsError if unusable."""
+    ``setting`` is what the user typed to choose the weights (a job key such as ``vgg_weights``, or
+    a command option such as ``--vgg-weights``): the error tells them what to change.
+    """
     if weights.lower() == "none":
         return ResolvedWeights("none")
     if is_path(weights):
@@ -79,7 +91,7 @@ def resolve_weights(model_name: str, weights: str) -> ResolvedWeights:
         raise WeightsError(
             f"weights {type(enum).__name__}.{enum.name} for model {model_name} are not in the torch hub cache, "
             f"and they are never downloaded at job time. Place the file {file_name} in {hub_checkpoint_dir()}/ "
-            f"(it is published at {enum.url}), or set weights to a local .pth path or 'none'."
+            f"(it is published at {enum.url}), or set {setting} to a local .pth path or 'none'."
         )
     verify_sha256(cached, _required_hash_prefix(enum.url), url=enum.url)
     return ResolvedWeights("torchvision", enum=enum)

@@ -32,6 +32,7 @@ from pydantic import Field, PositiveInt, ValidationError, ValidationInfo, field_
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline import schema
+from pipeline.config.paths import path_field
 from pipeline.config.spec import StageSpec
 from pipeline.models.registry import build_model, check_state_dict, get_entry, unknown_kwargs_messages
 from pipeline.models.weights import load_checkpoint, resolve_weights
@@ -214,7 +215,7 @@ class DetectSpec(StageSpec):
     type_name: ClassVar[str] = "detect"
 
     model: str = Field("fasterrcnn_mobilenet_v3_large_320_fpn", description="registered model name")
-    weights: str = Field("none", description="'none', a torchvision weights name (DEFAULT, COCO_V1...) or a .pth path")
+    weights: str = path_field("none", "'none', a torchvision weights name (DEFAULT, COCO_V1...) or a .pth path")
     num_classes: PositiveInt | None = Field(None, description="classes incl. background (weights none/bare state dict)")
     score_threshold: float = Field(0.05, ge=0, le=1)
     max_detections: PositiveInt = 100
@@ -261,6 +262,9 @@ class DetectSpec(StageSpec):
     def preflight(self) -> None:
         check_weights(self.model, self.weights, self.num_classes)
 
+    def model_categories(self) -> list[dict] | None:
+        return resolve_weights(self.model, self.weights).categories()
+
     def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -271,7 +275,7 @@ class DetectSpec(StageSpec):
             "category_map": self.category_map,
             "dataset_categories": categories,
             "device": ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device,
-            "threads": self.threads or max(1, math.ceil(self.num_cpus)),
+            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
             "model_kwargs": self.model_kwargs,
             "proposals_column": self.proposals_column,
             "output_prefix": self.output_prefix,

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from pipeline import schema
+from pipeline.config.paths import path_field
 from pipeline.config.spec import StageSpec
 from pipeline.models.registry import build_model
 from pipeline.models.weights import resolve_weights
@@ -153,7 +154,7 @@ class ProposalsSpec(StageSpec):
     method: Method = Field(description="rpn (a Faster R-CNN's region proposal network) or selective_search (OpenCV)")
     top_k: PositiveInt = Field(1000, description="at most this many proposals per image, best first")
     model: str = Field("fasterrcnn_resnet50_fpn", description="rpn: the R-CNN whose RPN proposes")
-    weights: str = Field("none", description="rpn: 'none', a torchvision weights name or a .pth path")
+    weights: str = path_field("none", "rpn: 'none', a torchvision weights name or a .pth path")
     num_classes: PositiveInt | None = Field(None, description="rpn: classes of the checkpoint's box head (to load it)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="rpn: builder kwargs, e.g. min_size")
     mode: Literal["fast", "quality"] = Field("fast", description="selective_search: OpenCV's fast or quality strategy set")
@@ -206,7 +207,7 @@ class ProposalsSpec(StageSpec):
         kwargs: dict[str, Any] = {
             "method": self.method,
             "top_k": self.top_k,
-            "threads": self.threads or max(1, math.ceil(self.num_cpus)),
+            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
             "output_prefix": self.output_prefix,
         }
         if self.method == "rpn":

@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from pipeline import schema
+from pipeline.config.paths import path_field
 from pipeline.config.spec import StageSpec
 from pipeline.data.decode import DecodeError, decode_image
 from pipeline.models.transformer_net import (
@@ -241,18 +242,18 @@ class StyleSpec(StageSpec):
     type_name: ClassVar[str] = "style"
 
     method: Method = Field("network", description="network: a trained TransformerNet; optimize: Gatys et al., no network")
-    model: str | None = Field(None, description="TransformerNet checkpoint (.pth), pytorch/examples format; method network")
+    model: str | None = path_field(None, "TransformerNet checkpoint (.pth), pytorch/examples format; method network")
     size: PositiveInt | None = Field(None, description="resize so the shorter side is this many px (default: keep the size)")
     max_side: PositiveInt | None = Field(None, description="downscale images whose longer side is over this (default: keep)")
     format: Format = Field("jpeg", description="how the stylized images are encoded")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality")
     column: str = Field(schema.STYLIZED, min_length=1, description="output column of the encoded images")
-    style_image: str | None = Field(None, description="method optimize: the picture whose style to copy")
+    style_image: str | None = path_field(None, "method optimize: the picture whose style to copy")
     steps: PositiveInt = Field(100, description="method optimize: Adam steps per image")
     content_weight: float = Field(1e5, gt=0, description="method optimize: weight of the relu2_2 content loss")
     style_weight: float = Field(1e10, gt=0, description="method optimize: weight of the Gram style loss")
     lr: float = Field(5.0, gt=0, description="method optimize: Adam step size, in grey levels (0..255)")
-    vgg_weights: str = Field(DEFAULT_VGG, description="method optimize: 'none', a torchvision VGG16 weights name or a .pth")
+    vgg_weights: str = path_field(DEFAULT_VGG, "method optimize: 'none', a torchvision VGG16 weights name or a .pth")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0")
 
     @model_validator(mode="after")
@@ -297,5 +298,5 @@ class StyleSpec(StageSpec):
             "lr": self.lr,
             "vgg_weights": self.vgg_weights,
             "device": ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device,
-            "threads": self.threads or max(1, math.ceil(self.num_cpus)),
+            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
         }

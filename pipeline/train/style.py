@@ -86,7 +86,7 @@ def preflight(config: StyleTrainConfig) -> tuple[list[str], np.ndarray]:
         style = read_style_image(config.style_image, max_side=config.style_size)
     except ValueError as exc:
         raise ConfigError(f"train-style: {exc}") from exc
-    check_vgg_weights(config.vgg_weights)  # WeightsError names the file to put where
+    check_vgg_weights(config.vgg_weights, setting="--vgg-weights")  # WeightsError names the file to put where
     folder = os.path.dirname(os.path.abspath(config.out))
     os.makedirs(folder, exist_ok=True)
     if not os.access(folder, os.W_OK):

@@ -164,3 +164,57 @@ def test_misspelt_model_kwarg_fails_in_the_cli_before_ray(tmp_path, monkeypatch)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "stages.0 (masks).model_kwargs.min_sise: unknown keyword for maskrcnn_resnet50_fpn (did you mean min_size?)" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- file settings of a job copied elsewhere ---------------------------------------------------
+
+
+def test_a_job_folder_copied_elsewhere_finds_its_base_and_its_model(tmp_path, monkeypatch):
+    """extends: and weights: are looked up beside the job file first, then in the working directory."""
+    import shutil
+
+    job_dir = tmp_path / "myjobs"
+    (job_dir / "models").mkdir(parents=True)
+    shutil.copy(REPO / "conf" / "defaults.yaml", job_dir / "base.yaml")
+    shutil.copy(REPO / "conf" / "models" / "small_maskrcnn_shapes.pth", job_dir / "models" / "shapes.pth")
+    text = (REPO / "jobs" / "shapes_masks.yaml").read_text()
+    text = text.replace("extends: ../conf/defaults.yaml", "extends: base.yaml").replace(
+        "weights: conf/models/small_maskrcnn_shapes.pth", "weights: models/shapes.pth"
+    )
+    (job_dir / "job.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path / "..")  # anywhere but the job's folder
+    job = load_job(job_dir / "job.yaml")
+    assert job.stages[0].weights == str(job_dir / "models" / "shapes.pth")
+    assert job.decode.max_pixels == 64_000_000  # from base.yaml
+
+
+def test_the_shipped_jobs_still_resolve_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+    job = load_job(REPO / "jobs" / "shapes_masks.yaml")
+    assert job.stages[0].weights == "conf/models/small_maskrcnn_shapes.pth"  # as written: found from the working directory
+
+
+def test_missing_base_or_model_names_the_key_and_every_path_tried(tmp_path, monkeypatch, synth_ds):
+    from pipeline.engine.runner import preflight
+
+    text = (REPO / "jobs" / "shapes_masks.yaml").read_text()
+    (tmp_path / "job.yaml").write_text(text)  # extends ../conf/defaults.yaml: not there from tmp
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as err:
+        load_job(tmp_path / "job.yaml")
+    message = str(err.value)
+    assert "extends: ../conf/defaults.yaml not found" in message
+    assert f"{(tmp_path / '..' / 'conf' / 'defaults.yaml').resolve()} (beside the job file)" in message
+    assert f"{tmp_path / 'conf' / 'defaults.yaml'} (in the working directory)" in message
+
+    # The model file is checked by preflight (a spec may be validated before its model exists),
+    # which a dry run runs too: the message names the key and both places looked in.
+    (tmp_path / "job.yaml").write_text(text.replace("extends: ../conf/defaults.yaml", f"extends: {REPO / 'conf' / 'defaults.yaml'}"))
+    job = load_job(tmp_path / "job.yaml", input=synth_ds)
+    with pytest.raises(ConfigError) as err:
+        preflight(job, str(tmp_path / "job.yaml"))
+    message = str(err.value)
+    assert "stages.0 (masks).weights: file conf/models/small_maskrcnn_shapes.pth not found" in message
+    assert f"{tmp_path / 'conf' / 'models' / 'small_maskrcnn_shapes.pth'} (beside the job file)" in message
+    assert f"{tmp_path / 'elsewhere' / 'conf' / 'models' / 'small_maskrcnn_shapes.pth'} (in the working directory)" in message

@@ -37,3 +37,11 @@ def test_unreachable_cluster_is_one_clean_line():
         assert result.exit_code == 1, result.output
         assert result.output.startswith("Error: ") and "Traceback" not in result.output
         assert "127.0.0.1:9" in result.output
+
+
+def test_jobs_list_without_a_cluster_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = CliRunner().invoke(main, ["jobs", "list"])  # the default address; nothing listens in the tests
+    assert result.exit_code == 1
+    assert "set --address (or RAY_ADDRESS)" in result.output and "ray start --head" in result.output
+    assert "pipeline run JOB.yaml" in result.output

@@ -46,7 +46,7 @@ def test_cached_weights_resolve_without_download(monkeypatch, tmp_path):
     enum = torchvision.models.get_weight("SSDLite320_MobileNet_V3_Large_Weights.COCO_V1")
     monkeypatch.setattr(enum.value, "url", f"https://download.pytorch.org/models/{name}")  # see _point_enum_at
     resolved = resolve_weights("ssdlite320_mobilenet_v3_large", "COCO_V1")
-    assert resolved.kind == "torchvision" and resolved.categories()[1] == "person"
+    assert resolved.kind == "torchvision" and resolved.categories()[0] == {"label": 1, "name": "person"}
 
 
 def test_unknown_weights_name_lists_known():
@@ -182,7 +182,7 @@ def test_correct_hub_file_builds_through_the_safe_loader(monkeypatch, tmp_path):
 
     resolved = resolve_weights(SMALL, "COCO_V1")
     built, categories = build_model(SMALL, resolved, score_threshold=0.3)
-    assert categories[1] == {"label": 1, "name": "person"}
+    assert categories[0] == {"label": 1, "name": "person"}  # __background__ and N/A left out
     assert any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in built.modules())  # the builder's pretrained path
     assert built.roi_heads.box_predictor.cls_score.out_features == 91 and built.roi_heads.score_thresh == 0.3
     state = built.state_dict()

@@ -236,7 +236,7 @@ def test_vgg_weights_offline_error_and_local_path(monkeypatch, tmp_path, picture
     with pytest.raises(WeightsError) as info:
         spec.preflight()
     assert "vgg16-397923af.pth" in str(info.value) and str(tmp_path / "torch" / "hub" / "checkpoints") in str(info.value)
-    assert "never downloaded" in str(info.value)
+    assert "never downloaded" in str(info.value) and "set vgg_weights to a local .pth" in str(info.value)
     torch.manual_seed(1)
     saved = Vgg16Features()
     torch.save(saved.state_dict(), tmp_path / "vgg.pth")  # torchvision key names: features.N.weight

@@ -105,8 +105,8 @@ def test_bad_inputs_fail_before_ray_starts(content, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"style image .*broken.jpg: cannot decode image"):
         preflight(config(content, style_image=str(broken)))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
-    with pytest.raises(WeightsError, match=r"vgg16-397923af.pth in .*torch/hub/checkpoints"):
-        preflight(config(content, vgg_weights="VGG16_Weights.IMAGENET1K_V1"))
+    with pytest.raises(WeightsError, match=r"vgg16-397923af.pth in .*torch/hub/checkpoints.*or set --vgg-weights to a local"):
+        preflight(config(content, vgg_weights="VGG16_Weights.IMAGENET1K_V1"))  # the option's name, not the stage key
 
     result = CliRunner().invoke(main, ["train-style", str(tmp_path / "missing.png"), "--content", str(content / "content"),
                                        "--out", str(tmp_path / "o.pth"), "--vgg-weights", "none"])
