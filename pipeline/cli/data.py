@@ -130,17 +130,20 @@ def render_cmd(pred: str, out_dir: str, images: str | None, limit: int, min_scor
 @click.option("--column", default="stylized", show_default=True, help="Image column to write out (e.g. a style stage's).")
 @click.option("--images", "images", help="Dataset holding the originals for the contact sheet (default: the job's input).")
 @click.option("--sheet-limit", default=16, show_default=True, type=click.IntRange(min=0), help="Images on the contact sheet (0: no sheet).")
+@click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it is not empty.")
 @click.argument("pred")
 @click.argument("out_dir")
 @user_errors
-def export_images_cmd(pred: str, out_dir: str, column: str, images: str | None, sheet_limit: int) -> None:
+def export_images_cmd(pred: str, out_dir: str, column: str, images: str | None, sheet_limit: int, overwrite: bool) -> None:
     """Write an image column (stylized) as files, plus a contact sheet.
 
     Files are OUT_DIR/<image_id>_<name>.jpg|png; contact_sheet.png shows originals next to results.
     """
     from pipeline.data.export_images import export_images
 
-    result = export_images(pred, out_dir, column=column, images=images, sheet=sheet_limit > 0, sheet_limit=max(sheet_limit, 1))
+    result = export_images(
+        pred, out_dir, column=column, images=images, sheet=sheet_limit > 0, sheet_limit=max(sheet_limit, 1), overwrite=overwrite
+    )
     click.echo(f"wrote {result['written']} image(s) to {out_dir} ({result['error_rows']} error rows and "
                f"{result['empty_rows']} rows without {column} skipped)")
     if result["sheet"]:

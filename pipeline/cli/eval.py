@@ -132,8 +132,9 @@ eval = eval_cmd  # noqa: A001 - the command is called "eval"; this name is what 
 @click.argument("pred")
 @click.argument("out")
 @click.option("--as-dataset", is_flag=True, help="Write a full COCO dataset (images, categories, annotations) instead of a results list.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (a COCO dataset written with --as-dataset).")
 @user_errors
-def export_coco_cmd(pred: str, out: str, as_dataset: bool) -> None:
+def export_coco_cmd(pred: str, out: str, as_dataset: bool, overwrite: bool) -> None:
     """Export predictions as COCO results JSON (or a COCO dataset).
 
     Writes prediction dataset PRED to OUT: bbox xywh, the dataset's category ids, mask RLE with
@@ -141,6 +142,8 @@ def export_coco_cmd(pred: str, out: str, as_dataset: bool) -> None:
     """
     from pipeline.eval.export import export_coco
 
+    if as_dataset and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace that dataset file, or choose another name")
     result = export_coco(pred, out, as_dataset=as_dataset)
     what = "annotations" if as_dataset else "detections"
     left_out = f"; left out {result['error_rows']} error row(s) (images that could not be read)" if result["error_rows"] else ""

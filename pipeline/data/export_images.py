@@ -44,8 +44,11 @@ def export_images(
     sheet: bool = True,
     sheet_limit: int = 16,
     cell: int = 192,
+    overwrite: bool = False,
 ) -> dict:
     """Write every non-null ``column`` value of ``pred`` as a file in ``out_dir``; returns counts and paths.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (files of another export would mix in).
 
     ``{"written": n, "error_rows": n, "empty_rows": n, "sheet": path or None, "paths": [...]}``.
     Shards are streamed; only the sheet's thumbnails are kept in memory.
@@ -54,6 +57,8 @@ def export_images(
     if not any(column in shard_schema(s).names for s in shards):
         available = sorted({n for s in shards for n in shard_schema(s).names} - set(schema.PREDICTION_BASE_SCHEMA.names))
         raise DatasetError(f"{pred} has no column {column!r} (its prediction columns: {', '.join(available) or 'none'})")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise DatasetError(f"output {out_dir} is not empty; pass --overwrite to write into it, or choose an empty folder")
     os.makedirs(out_dir, exist_ok=True)
     paths, thumbs = [], []  # thumbs: (image_id, file_name, result thumbnail)
     error_rows = empty_rows = 0

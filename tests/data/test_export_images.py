@@ -101,3 +101,6 @@ def test_cli(prediction, tmp_path):
     assert Image.open(tmp_path / "out" / SHEET).height == 2 * (192 + 14 + 4) + 4  # two lines, default 192 px cells
     bad = CliRunner().invoke(main, ["data", "export-images", pred, str(tmp_path / "o2"), "--column", "nope"])
     assert bad.exit_code == 1 and "has no column 'nope'" in bad.output and "Traceback" not in bad.output
+    again = CliRunner().invoke(main, ["data", "export-images", pred, str(tmp_path / "out")])
+    assert again.exit_code == 1 and "not empty" in again.output and "--overwrite" in again.output
+    assert CliRunner().invoke(main, ["data", "export-images", pred, str(tmp_path / "out"), "--overwrite"]).exit_code == 0

@@ -68,6 +68,10 @@ def test_export_coco_command(synthetic, tmp_path):
     result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "ds.json").read_text())) >= {"images", "categories", "annotations"}
+    again = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
+    assert again.exit_code == 1 and "exists; pass --overwrite" in again.output
+    replaced = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
 
 
 def test_eval_against_a_dataset_without_annotations_says_so(tmp_path):
