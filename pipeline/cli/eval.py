@@ -54,7 +54,7 @@ def _report_skips(skipped: dict) -> None:
     "--ray/--no-ray",
     "use_ray",
     default=None,
-    help="Match shards as Ray tasks / in this process. Default: Ray if running, or for 20,000+ images.",
+    help="Match shards as Ray tasks / in this process. Default: Ray if it is running, or for sets large enough to repay starting it (RAY_AUTO_MIN_IMAGES in pipeline/eval/driver.py).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json content instead of tables.")
 @user_errors

@@ -47,39 +47,60 @@ def accumulate(records: MatchRecords, *, category_ids: np.ndarray, iou_type: str
     known = (g_k < K) & (category_ids[np.minimum(g_k, K - 1)] == records.gt_category) if K else g_k < 0
     np.add.at(g_counts, g_k[known], records.gt_count[known].astype(np.int64))
 
+    rec_thrs = np.asarray(p.recThrs, dtype=np.float64)
     for k in range(K):
+        areas = np.flatnonzero(g_counts[k] > 0)  # pycocotools skips (k, a) without GT: stays -1
+        if len(areas) == 0:
+            continue
+        npig = g_counts[k, areas].astype(np.float64)[:, None, None]  # int -> double, as `tp_sum / npig`
+        # recall tp / npig >= r  <=>  tp >= need[a, r]: the same float divisions, done once per count
+        need = np.stack([np.searchsorted(np.arange(g + 1, dtype=np.float64) / g, rec_thrs, side="left")
+                         for g in g_counts[k, areas].tolist()])  # (A', R)
+        need = np.repeat(need, T, axis=0)  # rows (a, t)
         idx = d[d_lo[k] : d_hi[k]]
         by_score = idx[np.argsort(-records.det_score[idx], kind="mergesort")]
         rank = records.det_rank[by_score]
-        for a in range(A):
-            npig = int(g_counts[k, a])
-            if npig == 0:
+        matched = records.det_matched[by_score][:, areas]
+        ignored = records.det_ignored[by_score][:, areas]
+        for m, max_det in enumerate(p.maxDets):
+            keep = rank < max_det
+            nd = int(np.count_nonzero(keep))
+            if nd == 0:
+                recall[:, k, areas, m] = 0
+                precision[:, :, k, areas, m] = 0
+                scores[:, :, k, areas, m] = 0
                 continue
-            for m, max_det in enumerate(p.maxDets):
-                sel = by_score[rank < max_det]
-                nd = len(sel)
-                tp_bits = (records.det_matched[sel, a][None, :] >> t_bits) & 1
-                ig_bits = (records.det_ignored[sel, a][None, :] >> t_bits) & 1
-                dtm, dt_ig = tp_bits.astype(bool), ig_bits.astype(bool)
-                tps = np.logical_and(dtm, np.logical_not(dt_ig))
-                fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
-                tp_sum = np.cumsum(tps, axis=1).astype(dtype=float)
-                fp_sum = np.cumsum(fps, axis=1).astype(dtype=float)
-                rc = tp_sum / npig
-                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1] if nd else 0
-                envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-                dt_scores = records.det_score[sel]
-                for t in range(T):
-                    inds = np.searchsorted(rc[t], p.recThrs, side="left")
-                    ok = inds < nd
-                    q = np.zeros(R)
-                    ss = np.zeros(R)
-                    q[ok] = envelope[t, inds[ok]]
-                    ss[ok] = dt_scores[inds[ok]]
-                    precision[t, :, k, a, m] = q
-                    scores[t, :, k, a, m] = ss
+            # (A', T, nd): bit t of each kept detection, for every area range with GT at once
+            dtm = ((matched[keep].T[:, None, :] >> t_bits[None]) & 1).astype(bool)
+            dt_ig = ((ignored[keep].T[:, None, :] >> t_bits[None]) & 1).astype(bool)
+            tps = np.logical_and(dtm, np.logical_not(dt_ig))
+            fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
+            tp_count = np.cumsum(tps, axis=2)
+            tp_sum = tp_count.astype(dtype=float)
+            fp_sum = np.cumsum(fps, axis=2).astype(dtype=float)
+            rc = tp_sum / npig
+            pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+            recall[:, k, areas, m] = rc[:, :, -1].T
+            envelope = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1].reshape(-1, nd)
+            inds = _first_at_least(tp_count.reshape(-1, nd), need)  # searchsorted(rc[a, t], recThrs, "left")
+            ok = inds < nd
+            inds = np.minimum(inds, nd - 1)
+            q = np.where(ok, np.take_along_axis(envelope, inds, axis=1), 0.0)
+            ss = np.where(ok, records.det_score[by_score[keep]][inds], 0.0)
+            precision[:, :, k, areas, m] = q.reshape(len(areas), T, R).transpose(1, 2, 0)
+            scores[:, :, k, areas, m] = ss.reshape(len(areas), T, R).transpose(1, 2, 0)
     return {"params": p, "counts": [T, R, K, A, M], "precision": precision, "recall": recall, "scores": scores}
+
+
+def _first_at_least(counts: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """For every row ``i`` (non-decreasing integers): the first position where ``counts[i] >=
+    need[i, j]`` (the row length if none), for all rows in one integer ``searchsorted``: row ``i``
+    is shifted by ``i * span``, ``span`` exceeding every value, so rows never interleave."""
+    n, width = counts.shape
+    span = int(max(counts.max(initial=0), need.max(initial=0))) + 1
+    shift = np.arange(n, dtype=np.int64)[:, None] * span
+    found = np.searchsorted((counts + shift).ravel(), (need + shift).ravel(), side="left")
+    return found.reshape(n, -1) - np.arange(n)[:, None] * width
 
 
 def summarize(eval_result: dict, *, iou_type: str) -> np.ndarray:

@@ -290,14 +290,40 @@ def results_to_detections(
         mode = "keypoints"
     else:
         raise EvalInputError(f"{source}: record 0 has none of bbox, segmentation, keypoints")
+    if mode == "bbox":
+        fast = _bbox_results_fast(results, gt=gt, source=source, masks=masks, keypoints=keypoints)
+        if fast is not None:
+            return fast
     categories = {int(c) for c in gt.category_ids}
+    sizes = _image_sizes(gt)
     cols: dict[str, list] = {k: [] for k in ("image_id", "category_id", "score", "bbox", "area", "segm", "keypoints")}
+    mask_at: list[tuple[int, int]] = []  # (record, image id) of each mask whose counts are not checked yet
+    try:
+        _results_loop(results, mode, gt, source, masks, keypoints, categories, sizes, cols, mask_at, skipped)
+    except EvalInputError:
+        _check_masks(cols["segm"], mask_at, source)  # an earlier record's bad mask is the first error
+        raise
+    _check_masks(cols["segm"], mask_at, source)
+    dets = Detections(
+        image_id=np.array(cols["image_id"], np.int64),
+        category_id=np.array(cols["category_id"], np.int64),
+        score=np.array(cols["score"], np.float64),
+        bbox=np.array(cols["bbox"], np.float64).reshape(-1, 4),
+        area=np.array(cols["area"], np.float64),
+        segm=cols["segm"] if masks else None,
+        keypoints=cols["keypoints"] if keypoints else None,
+    )
+    return dets, skipped
+
+
+def _results_loop(results, mode, gt, source, masks, keypoints, categories, sizes, cols, mask_at, skipped) -> None:
+    """The per-record reading of :func:`results_to_detections` (into ``cols``)."""
     for n, ann in enumerate(results):
         where = f"{source}: record {n}"
         if not isinstance(ann, dict):
             raise EvalInputError(f"{where}: not an object")
         image_id = int_id(ann.get("image_id"), f"{where}: image_id")
-        if not gt.has_images(np.array([image_id]))[0]:
+        if image_id not in sizes:
             raise EvalInputError(f"{where}: image_id {image_id} is not in the ground truth {gt.source}")
         where = f"{where} (image_id {image_id})"
         category = int_id(ann.get("category_id"), f"{where}: category_id")
@@ -307,7 +333,7 @@ def results_to_detections(
         score = ann.get("score")
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
             raise EvalInputError(f"{where}: score {score!r} is not a finite number")
-        (h,), (w,) = gt.image_size(np.array([image_id]))
+        h, w = sizes[image_id]
         seg = ann.get("segmentation")
         kps = ann.get("keypoints")
         if mode == "bbox":
@@ -334,17 +360,106 @@ def results_to_detections(
         cols["bbox"].append(bbox)
         cols["area"].append(area)
         if masks:
-            cols["segm"].append(_to_rle(seg, h, w, where))
+            if mode == "segm":
+                cols["segm"].append(seg)  # already converted and checked above
+            else:
+                cols["segm"].append(_to_rle(seg, h, w, where, check=False))
+                mask_at.append((n, image_id))
         if keypoints:
             cols["keypoints"].append(kps if mode == "keypoints" else _check_keypoints(kps, where))
+
+
+def _check_masks(segm: list, mask_at: list[tuple[int, int]], source: str) -> None:
+    """:func:`check_counts` over the last ``len(mask_at)`` masks of ``segm`` at once (one call, not
+    one per record: it is vectorised); raises for the first malformed one, naming its record."""
+    if not mask_at:
+        return
+    todo = segm[len(segm) - len(mask_at):]
+    reasons = check_counts([m["counts"] for m in todo], np.array([m["size"] for m in todo], np.int64).reshape(-1, 2))
+    for (n, image_id), reason in zip(mask_at, reasons):
+        if reason is not None:
+            raise EvalInputError(f"{source}: record {n} (image_id {image_id}): malformed RLE mask: {reason}")
+
+
+def _image_sizes(gt: GroundTruth) -> dict[int, tuple[int, int]]:
+    """GT image id -> (height, width): one dict lookup per record instead of numpy calls."""
+    return dict(zip(gt.image_ids.tolist(), zip(gt.heights.tolist(), gt.widths.tolist())))
+
+
+def _bbox_results_fast(results: list, *, gt: GroundTruth, source: str, masks: bool, keypoints: bool):
+    """:func:`results_to_detections` for ``bbox`` mode, column-wise; ``None`` when any record is
+    not plainly well formed (then the per-record loop runs and names the offending record).
+
+    Accepts only what the loop accepts *and* converts to the same values: dict records, ``int``
+    ids, ``int``/``float`` finite scores, ``[x, y, w, h]`` lists of ``int``/``float`` (finite,
+    ``w, h >= 0``). Anything else (numeric strings, bools, bad values, ...) falls back.
+    """
+    if set(map(type, results)) != {dict}:
+        return None
+    image_ids = [r.get("image_id") for r in results]
+    cats = [r.get("category_id") for r in results]
+    if not set(map(type, image_ids)) <= {int} or not set(map(type, cats)) <= {int}:
+        return None
+    try:
+        image_id = np.array(image_ids, np.int64)
+        category = np.array(cats, np.int64)
+    except OverflowError:
+        return None
+    if not gt.has_images(image_id).all():
+        return None
+    known = np.isin(category, gt.category_ids)
+    keep = np.flatnonzero(known)
+    skipped: Counter = Counter()
+    unknown = category[~known]
+    if len(unknown):
+        n_unmapped = int(np.count_nonzero(unknown == -1))
+        for reason, n in (("unmapped_category", n_unmapped), ("unknown_category", len(unknown) - n_unmapped)):
+            if n:
+                skipped[reason] += n
+    kept = [results[i] for i in keep.tolist()] if len(keep) != len(results) else results
+    scores = [r.get("score") for r in kept]
+    boxes = [r.get("bbox") for r in kept]
+    if not set(map(type, scores)) <= {int, float} or not set(map(type, boxes)) <= {list}:
+        return None
+    if not set(map(len, boxes)) <= {4}:
+        return None
+    if not set(map(type, (v for b in boxes for v in b))) <= {int, float}:
+        return None
+    try:
+        score = np.array(scores, np.float64)
+        bbox = np.array(boxes, np.float64).reshape(-1, 4)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    if not np.isfinite(score).all() or not np.isfinite(bbox).all() or (bbox[:, 2:] < 0).any():
+        return None
+    segm = kps = None
+    if masks or keypoints:
+        sizes = _image_sizes(gt)
+        segm, kps = [] if masks else None, [] if keypoints else None
+        try:  # any error: the per-record loop finds the first one and names it
+            for n, ann, image_id_n in zip(keep.tolist(), kept, image_id[keep].tolist()):
+                where = f"{source}: record {n} (image_id {image_id_n})"
+                if masks:
+                    h, w = sizes[image_id_n]
+                    seg = ann.get("segmentation")
+                    if seg is None:
+                        x1, y1, bw, bh = bbox[len(segm)].tolist()
+                        seg = [[x1, y1, x1, y1 + bh, x1 + bw, y1 + bh, x1 + bw, y1]]
+                    segm.append(_to_rle(seg, h, w, where, check=False))
+                if keypoints:
+                    kps.append(_check_keypoints(ann.get("keypoints"), where))
+            if masks:
+                _check_masks(segm, [(int(n), 0) for n in keep.tolist()], source)
+        except EvalInputError:
+            return None
     dets = Detections(
-        image_id=np.array(cols["image_id"], np.int64),
-        category_id=np.array(cols["category_id"], np.int64),
-        score=np.array(cols["score"], np.float64),
-        bbox=np.array(cols["bbox"], np.float64).reshape(-1, 4),
-        area=np.array(cols["area"], np.float64),
-        segm=cols["segm"] if masks else None,
-        keypoints=cols["keypoints"] if keypoints else None,
+        image_id=image_id[keep],
+        category_id=category[keep],
+        score=score,
+        bbox=bbox,
+        area=bbox[:, 2] * bbox[:, 3],
+        segm=segm,
+        keypoints=kps,
     )
     return dets, skipped
 
@@ -373,7 +488,7 @@ def _check_keypoints(kps, where: str) -> list[float]:
     return values
 
 
-def _to_rle(seg, h: int, w: int, where: str) -> dict:
+def _to_rle(seg, h: int, w: int, where: str, *, check: bool = True) -> dict:
     """Polygons / uncompressed RLE / compressed RLE -> validated compressed RLE (``annToRLE``)."""
     if isinstance(seg, list):
         if h < 0 or w < 0:
@@ -392,6 +507,8 @@ def _to_rle(seg, h: int, w: int, where: str) -> dict:
     if size != [int(h), int(w)]:
         raise EvalInputError(f"{where}: mask size {size} differs from the image's [height, width] {[int(h), int(w)]}")
     counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    if not check:  # the caller checks many at once (check_counts is vectorised)
+        return {"size": size, "counts": counts}
     reason = check_counts([counts], np.array([size]))[0]
     if reason is not None:
         raise EvalInputError(f"{where}: malformed RLE mask: {reason}")

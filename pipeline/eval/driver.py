@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import posixpath
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -47,10 +48,22 @@ log = logging.getLogger(__name__)
 STATE_DIR = "eval"
 TASK_NUM_CPUS = 0.9  # leaves Ray a sliver of CPU for anything else scheduled beside us
 JSON_CHUNK_MIN_IMAGES = 50
-RAY_AUTO_MIN_IMAGES = 20_000
-"""With ``use_ray=None`` and no Ray running, start one only for at least this many images to match:
-starting local Ray costs ~4 s (more on a busy machine) while in-process matching does ~2,000
-images/s for bbox, so below this a single process finishes first."""
+RAY_AUTO_MIN_IMAGES = {"bbox": 100_000, "segm": 15_000, "keypoints": 15_000}
+"""With ``use_ray=None`` and no Ray running, start one only for at least this many images to match
+(the smallest entry among the IoU types still to compute); below it one process finishes first.
+
+Where the threshold is, and why (measured 2026-12-01 on the 2-core machine, no GPU,
+``bench/eval_speed.py`` set: 5,000 images, 92,721 detections, 80 categories): in-process
+matching takes 0.31 CPU-s for 4,656 images in bbox (~15,000 images/s) and 2.4 CPU-s in segm
+(~1,900 images/s); starting and stopping a local Ray costs ~3-4 s on an idle machine (far more on
+a busy one: 38 s measured under load for the same 0.9 s of work). Ray can at best divide matching
+by the number of CPUs ``c`` -- and the JSON reading, GT loading and accumulation stay in the
+driver -- so it pays off only past ``start * rate * c / (c - 1)`` images: about
+3.5 s x 15,000/s x 2 = 105,000 images for bbox and 3.5 s x 1,900/s x 2 = 13,000 for segm on 2
+cores (56,000 / 7,000 on 16 cores), rounded up because Ray also ships every GT subset and
+detection to its workers. Keypoints (OKS per group in Python) are taken as costly as segm. The old single threshold (20,000 images) made a 20,000-image bbox evaluation wait ~4 s for
+a Ray start that saved ~0.7 s.
+"""
 
 
 @dataclass
@@ -92,9 +105,10 @@ def evaluate(
         use_state: reuse and write per-shard state under ``PRED/eval/<iou_type>/``.
         use_ray: run matching as Ray tasks, one per shard. ``None`` (default): yes if Ray is
             already running (e.g. after a job, on a cluster), else only for at least
-            ``RAY_AUTO_MIN_IMAGES`` images to match; ``True``: always (a private local Ray is
-            started, and stopped after, if none runs); ``False``: in this process. A single
-            piece of work runs in-process either way.
+            ``RAY_AUTO_MIN_IMAGES`` images to match (100,000 for bbox, 15,000 for segm or
+            keypoints: below that a Ray start costs more than it saves); ``True``: always (a
+            private local Ray is started, and stopped after, if none runs); ``False``: in this
+            process. A single piece of work runs in-process either way.
 
     Returns ``{iou_type: {"AP": ..., ..., "per_category": {name: AP}, "counts": {...}}}``.
 
@@ -281,9 +295,13 @@ def _run_units(pending, ground, iou_types, *, method, use_state, use_ray, task_n
     if not jobs:
         return 0
     if use_ray is None:
-        import ray
-
-        use_ray = ray.is_initialized() or sum(len(u.image_ids) for u in pending) >= RAY_AUTO_MIN_IMAGES
+        # Ray can only be initialised in this process if it was imported: importing it just to ask
+        # costs ~2 s of a cold command
+        ray = sys.modules.get("ray")
+        running = ray is not None and ray.is_initialized()
+        todo_types = {t for _, todo, _ in jobs for t in todo}
+        threshold = min(RAY_AUTO_MIN_IMAGES[t] for t in todo_types)
+        use_ray = running or sum(len(u.image_ids) for u in pending) >= threshold
     in_process = not use_ray or len(jobs) == 1
     if in_process:
         results = [match_unit(u, g, todo, method=method, use_state=use_state) for u, todo, g in jobs]

@@ -222,6 +222,22 @@ def from_coco_dicts(
     segm: bool = True, keypoints: bool = True,
 ) -> GroundTruth:
     """Ground truth from COCO-style dicts: ``images`` as (id, height, width), annotations as in COCO."""
+    cols = _plain_columns(anns)
+    if cols is not None:
+        if segm:
+            cols["segm"] = [_segm(ann.get("segmentation")) for ann in anns]
+        if keypoints:
+            for ann in anns:
+                kp = ann.get("keypoints") or None
+                cols["kps"].append([float(v) for v in kp] if kp else None)
+        return _assemble(
+            image_ids=np.array([i for i, _, _ in images], np.int64),
+            heights=np.array([h for _, h, _ in images], np.int64),
+            widths=np.array([w for _, _, w in images], np.int64),
+            categories=categories, image=cols["image"], ann_id=cols["id"], category=cols["category"],
+            area=cols["area"], iscrowd=cols["iscrowd"], bbox=cols["bbox"], num_keypoints=cols["nkp"],
+            segms=cols["segm"] if segm else None, keypoints=cols["kps"] if keypoints else None, source=source,
+        )
     cols: dict[str, list] = {k: [] for k in ("image", "id", "category", "area", "iscrowd", "bbox", "nkp", "segm", "kps")}
     for ann in anns:
         where = f"{source}: annotation id {ann.get('id')!r}"
@@ -258,6 +274,43 @@ def from_coco_dicts(
         keypoints=cols["kps"] if keypoints else None,
         source=source,
     )
+
+
+def _plain_columns(anns: list) -> dict | None:
+    """The numeric annotation columns of :func:`from_coco_dicts` without a Python loop per
+    annotation, when every annotation is plainly well formed (``int`` ids, ``iscrowd`` and
+    ``num_keypoints`` ``int`` or absent, numeric ``area``, ``bbox`` absent or 4 numbers); ``None``
+    otherwise, and the per-annotation loop converts or names the offending annotation."""
+    if set(map(type, anns)) - {dict}:
+        return None
+    get = lambda key: [a.get(key) for a in anns]  # noqa: E731
+    image, ann_id, category, area = get("image_id"), get("id"), get("category_id"), get("area")
+    iscrowd, nkp, bbox = get("iscrowd"), get("num_keypoints"), get("bbox")
+    if not all(set(map(type, col)) <= {int} for col in (image, ann_id, category)):
+        return None
+    if not (set(map(type, area)) <= {int, float, type(None)} and set(map(type, iscrowd)) <= {int, type(None)}
+            and set(map(type, nkp)) <= {int, type(None)} and set(map(type, bbox)) <= {list, type(None)}):
+        return None
+    boxes = [b for b in bbox if b is not None]
+    if not set(map(len, boxes)) <= {4} or not set(map(type, (v for b in boxes for v in b))) <= {int, float}:
+        return None
+    try:
+        cols = {
+            "image": np.array(image, np.int64),
+            "id": np.array(ann_id, np.int64),
+            "category": np.array(category, np.int64),
+            "area": np.array([np.nan if a is None else a for a in area], np.float64),
+            "iscrowd": np.array([c or 0 for c in iscrowd], np.int64),
+            "nkp": np.array([-1 if n is None else n for n in nkp], np.int64),
+        }
+        box = np.full((len(anns), 4), np.nan)
+        has = np.fromiter((b is not None for b in bbox), bool, len(bbox))
+        box[has] = np.array(boxes, np.float64).reshape(-1, 4)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    cols["bbox"] = box
+    cols["segm"], cols["kps"] = [], []
+    return cols
 
 
 def _assemble(*, image_ids, heights, widths, categories, image, ann_id, category, area, iscrowd, bbox,

@@ -36,7 +36,7 @@ from pipeline.eval.params import EvalInputError, coco_params
 from pipeline.eval.records import MatchRecords
 
 METHODS = ("vectorized", "pycocotools")
-CHUNK_ELEMENTS = 1 << 20  # groups x max detections x max GT per lock-step chunk
+CHUNK_ELEMENTS = 1 << 20  # groups x max(max detections, thresholds x areas) x max GT per chunk
 
 
 def match_images(
@@ -235,71 +235,126 @@ def _match_vectorized(groups: _Groups, p) -> dict:
     matched = np.zeros((n_det, A), np.uint16)
     from_gt_ignore = np.zeros((n_det, A), np.uint16)
     thr = np.minimum(np.asarray(p.iouThrs, dtype=np.float64), 1 - 1e-10)
-    pairs = groups.paired()
+    both, di, gi = np.intersect1d(groups.d_keys, groups.g_keys, assume_unique=True, return_indices=True)
+    keys, ds, dn = both, groups.d_start[di], groups.d_len[di]
+    gs, gn = groups.g_start[gi], groups.g_len[gi]
     # bucket by GT count (padded to a power of two), longest detection lists first
-    gpad = [1 << max(int(gn) - 1, 0).bit_length() for _, _, _, _, gn in pairs]
-    order = sorted(range(len(pairs)), key=lambda j: (gpad[j], -pairs[j][2]))
+    gpad = np.array([1 << max(int(n) - 1, 0).bit_length() for n in gn.tolist()], np.int64)
+    order = np.lexsort((-dn, gpad))
+    gpad_o, dn_o = gpad[order].tolist(), dn[order].tolist()
     j = 0
     while j < len(order):
-        gp, dmax = gpad[order[j]], pairs[order[j]][2]
-        chunk = []
-        while j < len(order) and gpad[order[j]] == gp and (len(chunk) + 1) * dmax * gp <= max(CHUNK_ELEMENTS, dmax * gp):
-            chunk.append(pairs[order[j]])
-            j += 1
-        m_bits, i_bits = _lockstep(groups, chunk, gp, dmax, thr)
-        rows = np.concatenate([np.arange(ds, ds + dn) for _, ds, dn, _, _ in chunk])
-        which = np.repeat(np.arange(len(chunk)), [dn for _, _, dn, _, _ in chunk])
-        rank = rows - np.repeat([ds for _, ds, _, _, _ in chunk], [dn for _, _, dn, _, _ in chunk])
-        matched[rows] = m_bits[which, :, rank]
-        from_gt_ignore[rows] = i_bits[which, :, rank]
+        gp, dmax = gpad_o[j], dn_o[j]
+        per_chunk = max(CHUNK_ELEMENTS // (max(dmax, T * A) * gp), 1)  # bounds iou and (n, A, T, gp)
+        end = j + 1
+        while end < len(order) and end - j < per_chunk and gpad_o[end] == gp:
+            end += 1
+        c = order[j:end]
+        rows, m_bits, i_bits = _lockstep(groups, keys[c], ds[c], dn[c], gs[c], gn[c], gp, dmax, thr)
+        matched[rows] = m_bits
+        from_gt_ignore[rows] = i_bits
+        j = end
     out_of_area = np.where(groups.d_out, all_bits, np.uint16(0))
     ignored = from_gt_ignore | (~matched & all_bits & out_of_area)
     return _det_rows(groups, matched, ignored)
 
 
-def _lockstep(groups: _Groups, chunk: list, gp: int, dmax: int, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy matching of ``chunk`` groups in lock step over detection rank.
+def _bbox_ious(groups: _Groups, d_rows: np.ndarray, g_rows: np.ndarray, g_ok: np.ndarray,
+               crowd: np.ndarray) -> np.ndarray:
+    """pycocotools' ``bbIou`` (maskApi.c) for a batch of groups at once: (n, dmax, gp) IoUs.
 
-    Returns bit masks (groups, A, dmax): matched (to a GT with non-zero id) and ignored-because-
-    matched-to-an-ignored-GT, bit t for IoU threshold t.
+    ``d_rows`` (n, dmax) / ``g_rows`` (n, gp) index the group-ordered detections / GT (``g_ok``:
+    not padding); the same double operations in the same order as the C loop, so the very same
+    floats (x86-64 wheels are built without FMA contraction; the tests compare against it).
     """
-    n, T, A = len(chunk), len(thr), groups.g_out.shape[1]
-    iou = np.full((n, dmax, gp), -np.inf)
-    gt_ig = np.zeros((n, A, gp), bool)
-    valid = np.zeros((n, gp), bool)
-    crowd = np.zeros((n, gp), bool)
-    nonzero_id = np.zeros((n, gp), bool)
-    d_len = np.zeros(n, np.int64)
-    for c, (key, ds, dn, gs, gn) in enumerate(chunk):
-        iou[c, :dn, :gn] = groups.ious(key, ds, dn, gs, gn)
-        gi = groups.g_idx[gs : gs + gn]
-        gt_ig[c, :, :gn] = groups.g_out[gs : gs + gn].T
-        valid[c, :gn] = True
-        crowd[c, :gn] = groups.gt.ann_iscrowd[gi] != 0
-        nonzero_id[c, :gn] = groups.gt.ann_id[gi] != 0
-        d_len[c] = dn
+    D = groups.dets.bbox[groups.d_idx[d_rows]]
+    G = groups.gt.ann_bbox[groups.g_idx[g_rows]]
+    bad = np.isnan(G).any(-1) & g_ok
+    if bad.any():
+        groups._gt_bbox(groups.g_idx[g_rows[bad][0]])  # raises, naming the annotation
+    dx, dy, dw, dh = (D[:, :, None, k] for k in range(4))
+    gx, gy, gw, gh = (G[:, None, :, k] for k in range(4))
+    da, ga = dw * dh, gw * gh
+    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
+    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
+    i = w * h
+    u = np.where(crowd[:, None, :], da, da + ga - i)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((w > 0) & (h > 0), i / u, 0.0)
+
+
+def _lockstep(groups: _Groups, keys, ds, dn, gs, gn, gp: int, dmax: int, thr: np.ndarray):
+    """Greedy matching of a chunk of groups in lock step over detection rank.
+
+    Returns (detection rows, matched bits (rows, A), ignored-because-matched-to-an-ignored-GT bits
+    (rows, A)), bit t for IoU threshold t, for the detections that have a GT with IoU >= the
+    lowest threshold; every other detection matches nothing at any threshold and is left out.
+
+    Per step, among the available candidates (IoU >= t, not taken unless crowd) the GT taken is
+    the one with the largest key ``non_ignored * gp + rank``, ``rank`` being the GT's position in
+    a stable ascending sort of the detection's IoUs: non-ignored GT first, then the largest IoU,
+    then the last in source order -- evaluateImg's choice (see the module doc).
+    """
+    n, T, A = len(keys), len(thr), groups.g_out.shape[1]
+    d_ar, g_ar = np.arange(dmax), np.arange(gp)
+    d_ok = d_ar[None, :] < dn[:, None]
+    g_ok = g_ar[None, :] < gn[:, None]
+    d_rows = np.where(d_ok, ds[:, None] + d_ar[None, :], 0)
+    g_rows = np.where(g_ok, gs[:, None] + g_ar[None, :], 0)
+    crowd = (groups.gt.ann_iscrowd[groups.g_idx[g_rows]] != 0) & g_ok
+    nonzero_id = groups.gt.ann_id[groups.g_idx[g_rows]] != 0
+    gt_ig = np.transpose(groups.g_out[g_rows], (0, 2, 1)) | ~g_ok[:, None, :]  # (n, A, gp)
+    if groups.iou_type == "bbox":
+        iou = _bbox_ious(groups, d_rows, g_rows, g_ok, crowd)
+    else:
+        iou = np.zeros((n, dmax, gp))
+        for c, (key, s, m, t, k) in enumerate(zip(keys.tolist(), ds.tolist(), dn.tolist(), gs.tolist(), gn.tolist())):
+            iou[c, :m, :k] = groups.ious(key, s, m, t, k)
+    iou = np.where(d_ok[:, :, None] & g_ok[:, None, :], iou, -np.inf)
+
+    # only detections with some candidate at the lowest threshold can match; pack them per group
+    relevant = (iou >= thr.min()).any(-1)  # (n, dmax)
+    count = relevant.sum(1)
+    c_of, d_of = np.nonzero(relevant)
+    if len(c_of) == 0:
+        z = np.zeros((0, A), np.uint16)
+        return np.zeros(0, np.int64), z, z
+    by_count = np.argsort(-count, kind="stable")
+    new_c = np.empty(n, np.int64)
+    new_c[by_count] = np.arange(n)
+    count = count[by_count]
+    rmax = int(count[0])
+    # position of each relevant detection among its group's relevant ones (c_of is ascending)
+    per_group = np.bincount(c_of, minlength=n)
+    pc, pk = new_c[c_of], np.arange(len(c_of)) - (np.cumsum(per_group) - per_group)[c_of]
+    packed = np.full((n, rmax, gp), -np.inf)
+    packed[pc, pk] = iou[c_of, d_of]
+    rank = np.empty((n, rmax, gp), np.int32)
+    np.put_along_axis(rank, np.argsort(packed, axis=-1, kind="stable"), g_ar.astype(np.int32)[None, None, :], -1)
+    crowd, nonzero_id, gt_ig = crowd[by_count], nonzero_id[by_count], gt_ig[by_count]
+    base = np.where(gt_ig, 0, gp).astype(np.int32)  # (n, A, gp)
+    crowd4 = crowd[:, None, None, :]
+
     taken = np.zeros((n, A, T, gp), bool)
-    m_out = np.zeros((n, A, T, dmax), bool)
-    i_out = np.zeros((n, A, T, dmax), bool)
-    ig4 = gt_ig[:, :, None, :]
-    for d in range(dmax):
-        na = int(np.count_nonzero(d_len > d))  # groups are sorted by detection count, descending
-        v = iou[:na, d, None, None, :]  # (na, 1, 1, gp)
-        cand = (v >= thr[None, None, :, None]) & valid[:na, None, None, :]
-        cand = cand & (~taken[:na] | crowd[:na, None, None, :])  # (na, A, T, gp)
-        regular = cand & ~ig4[:na]
-        use = np.where(regular.any(-1, keepdims=True), regular, cand & ig4[:na])
-        vals = np.where(use, v, -np.inf)
-        hit = use & (vals == vals.max(-1, keepdims=True))
-        has = hit.any(-1)  # (na, A, T)
-        last = gp - 1 - hit[..., ::-1].argmax(-1)  # last GT achieving the maximum
-        c, a, t = np.nonzero(has)
-        g = last[c, a, t]
+    m_out = np.zeros((n, A, T, rmax), bool)
+    i_out = np.zeros((n, A, T, rmax), bool)
+    thr4 = thr[None, :, None]
+    for k in range(rmax):
+        na = int(np.count_nonzero(count > k))  # groups are sorted by relevant count, descending
+        ge = packed[:na, k, None, :] >= thr4  # (na, T, gp)
+        cand = (~taken[:na] | crowd4[:na]) & ge[:, None, :, :]  # (na, A, T, gp)
+        key = np.where(cand, (base[:na] + rank[:na, k, None, :])[:, :, None, :], -1)
+        g = key.argmax(-1)  # (na, A, T)
+        c, a, t = np.nonzero(np.take_along_axis(key, g[..., None], -1)[..., 0] >= 0)
+        g = g[c, a, t]
         taken[c, a, t, g] = True
-        m_out[c, a, t, d] = nonzero_id[c, g]
-        i_out[c, a, t, d] = gt_ig[c, a, g]
+        m_out[c, a, t, k] = nonzero_id[c, g]
+        i_out[c, a, t, k] = gt_ig[c, a, g]
     weights = (1 << np.arange(T, dtype=np.uint16))[None, None, :, None]
-    return (m_out * weights).sum(2, dtype=np.uint16), (i_out * weights).sum(2, dtype=np.uint16)
+    m_bits = (m_out * weights).sum(2, dtype=np.uint16)  # (n, A, rmax)
+    i_bits = (i_out * weights).sum(2, dtype=np.uint16)
+    rows = ds[c_of] + d_of
+    return rows, m_bits[pc, :, pk], i_bits[pc, :, pk]
 
 
 def _match_reference(groups: _Groups, p) -> dict:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import uuid
 import zipfile
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from pipeline.data.shards import resolve
+from pipeline.data.shards import publish_bytes, resolve
 
 
 @dataclass
@@ -116,13 +115,10 @@ class MatchRecords:
 
 
 def save_records(path: str, records: MatchRecords, meta: dict) -> None:
-    """Write atomically (temporary name, then rename), so a reader never sees half a file."""
+    """Write atomically, so a reader never sees half a file (``publish_bytes``: rename locally, one upload on S3)."""
     fs, p = resolve(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(records.to_bytes(meta))
-    fs.move(tmp, p)
+    publish_bytes(fs, p, records.to_bytes(meta))
 
 
 def load_records(path: str) -> tuple[MatchRecords, dict] | None:
