@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline import __version__
+from pipeline.cli.annotate import export_labelstudio_cmd, export_yolo_cmd, import_labelstudio_cmd
 from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd, export_coco_cmd
 from pipeline.cli.jobs import jobs, submit
@@ -27,3 +28,6 @@ main.add_command(train_style)
 main.add_command(submit)
 main.add_command(jobs)
 data.add_command(export_coco_cmd)
+data.add_command(export_yolo_cmd)
+data.add_command(export_labelstudio_cmd)
+data.add_command(import_labelstudio_cmd)
