@@ -40,8 +40,12 @@ model $(MODEL): | $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The benchmarks behind bench/README.md (each prints its table; about 30 minutes on 2 cores).
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/masks.py
+	$(BIN)/python bench/eval_speed.py
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

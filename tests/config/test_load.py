@@ -218,3 +218,10 @@ def test_missing_base_or_model_names_the_key_and_every_path_tried(tmp_path, monk
     assert "stages.0 (masks).weights: file conf/models/small_maskrcnn_shapes.pth not found" in message
     assert f"{tmp_path / 'conf' / 'models' / 'small_maskrcnn_shapes.pth'} (beside the job file)" in message
     assert f"{tmp_path / 'elsewhere' / 'conf' / 'models' / 'small_maskrcnn_shapes.pth'} (in the working directory)" in message
+
+
+def test_cluster_settings_extend_the_defaults(tmp_path):
+    job = write(tmp_path, f"extends: [{REPO / 'conf' / 'defaults.yaml'}, {REPO / 'conf' / 'cluster_gpu.yaml'}]\n" + BASIC)
+    spec = load_job(job)
+    assert spec.decode.num_cpus == 1 and spec.decode.batch_size == 8 and spec.ray.address == "auto"
+    assert spec.decode.max_pixels == 64_000_000  # the rest from the defaults
