@@ -1,20 +1,32 @@
-"""Throughput of ``pipeline run`` against a plain single-process loop over the same images.
+"""Throughput of ``pipeline run jobs/detect.yaml`` (as shipped) against a plain single-process loop.
 
-Both sides run the same detector with the same weights and torch threads, over the same
-synthetic shards, doing the same work per image: read the Parquet row, decode the PNG, run the
-model. The loop is the baseline; the table reports each pipeline configuration as a ratio to
-the loop measured in the same run (these machines are noisy, absolute numbers drift).
+The dataset: ``N`` synthetic shapes images of about 320 px (``synth_image``, size 320), re-encoded
+to JPEG (quality 90) into a folder, then imported with ``import-images`` (one dataset for the
+pipeline; the loop reads the same JPEG files from the folder).
 
-Peak memory is the peak summed RSS of the measured process and all its descendants (for the
-pipeline: the driver plus every Ray process it started), sampled every 0.1 s.
+* **loop**: one Python process: ``import torch, torchvision``, build the same detector as
+  ``jobs/detect.yaml`` (random init, ``fasterrcnn_mobilenet_v3_large_320_fpn``, 91 classes,
+  score 0.5, 100 detections), then for every file: PIL decode to RGB, ``to_tensor``, batches of 4,
+  ``model(batch)`` under ``inference_mode``. Torch's default threads (all cores).
+* **pipeline**: ``python -m pipeline run jobs/detect.yaml --input DS --output OUT --overwrite
+  --no-progress``: the job file unmodified (its pool size / threads are whatever it ships).
 
-    python bench/throughput.py                    # sizes 64 and 256
-    python bench/throughput.py --sizes 32 --sizes 64 --pools 1
+Both are timed as whole commands (interpreter start, imports, Ray start-up included). ``ratio`` is
+loop wall / pipeline wall (> 1: the pipeline is faster); ``overhead`` is pipeline wall minus loop
+wall. Peak memory is the peak summed RSS of the command's process tree (for the pipeline the
+driver plus every Ray process it started), sampled every 0.2 s with psutil (or /proc if psutil is
+not installed). Each size runs ``--repeats`` times, loop and pipeline alternating, and the best
+wall of each is kept: these machines are shared, and other processes' load slows both sides.
+
+    python bench/throughput.py                          # 32, 512, 2048 images
+    python bench/throughput.py --sizes 32 --repeats 3
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,35 +37,29 @@ from pathlib import Path
 import click
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {
-    "model": "fasterrcnn_mobilenet_v3_large_320_fpn",
-    "weights": "none",
-    "num_classes": 4,
-    "score_threshold": 0.3,
-}
-LOOP = """
-import sys, time, torch
-from pipeline.data.shards import list_shards, iter_shard
-from pipeline.data.decode import decode_image
-from pipeline.stages.detect import DetectStage
-dataset, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = dict(MODEL_JSON)
-stage = DetectStage(**model, threads=threads)
+JOB = "jobs/detect.yaml"
+LOOP = r"""
+import os, sys, time
+import torch, torchvision
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+folder, batch = sys.argv[1], int(sys.argv[2])
+model = torchvision.models.get_model(
+    "fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None, num_classes=91,
+    box_score_thresh=0.5, box_detections_per_img=100,
+).eval()
 start = time.time(); n = 0; pending = []
-for shard in list_shards(dataset):
-    for table in iter_shard(shard, 64, columns=["image"]):
-        for data in table["image"].to_pylist():
-            pending.append(decode_image(data))
-            if len(pending) == batch:
-                stage.predict(pending); n += len(pending); pending = []
-if pending:
-    stage.predict(pending); n += len(pending)
-print(n, time.time() - start)
+files = sorted(os.listdir(folder))
+with torch.inference_mode():
+    for name in files:
+        pending.append(to_tensor(Image.open(os.path.join(folder, name)).convert("RGB")))
+        if len(pending) == batch or name == files[-1]:
+            model(pending); n += len(pending); pending = []
+print(n, time.time() - start, torch.get_num_threads())
 """
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of ``root`` and all its descendants, read from /proc (Linux)."""
+def _tree_pids(root: int) -> set[int]:
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -67,8 +73,30 @@ def tree_rss(root: int) -> int:
         children = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
+    return tree
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and all its descendants."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            proc = psutil.Process(root)
+            procs = [proc] + proc.children(recursive=True)
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
     total = 0
-    for pid in tree:
+    for pid in _tree_pids(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -78,10 +106,11 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def measure(cmd: list[str]) -> tuple[float, int, str]:
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Run ``cmd``; return (wall seconds, peak RSS bytes of its process tree, stdout)."""
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
     peak = 0
     done = threading.Event()
 
@@ -89,71 +118,93 @@ def measure(cmd: list[str]) -> tuple[float, int, str]:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, err = proc.communicate()
+    wall = time.time() - start
     done.set()
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return time.time() - start, peak, out
+    return wall, peak, out
 
 
-def run_loop(dataset: str, threads: int, batch: int) -> dict:
-    script = LOOP.replace("dict(MODEL_JSON)", repr(MODEL))
-    wall, peak, out = measure([sys.executable, "-c", script, dataset, str(threads), str(batch)])
-    n, loop_s = out.split()[-2:]
-    return {"images": int(n), "process_s": wall, "work_s": float(loop_s), "peak_rss": peak}
+def make_dataset(tmp: str, size: int) -> tuple[str, str]:
+    """``size`` 320 px synthetic images as JPEG files, and the same files imported as a dataset."""
+    from PIL import Image
+
+    from pipeline.data.importers import import_images
+    from pipeline.data.synth import synth_image
+
+    folder = Path(tmp) / f"jpeg-{size}"
+    folder.mkdir()
+    for i in range(size):
+        png = synth_image(7, i, 320)[0]
+        Image.open(io.BytesIO(png)).convert("RGB").save(folder / f"{i:06d}.jpg", quality=90)
+    dataset = f"{tmp}/ds-{size}"
+    import_images(str(folder), dataset, rows_per_shard=1000)
+    return str(folder), dataset
 
 
-def run_pipeline(dataset: str, out: str, pool: int, threads: int, batch: int) -> dict:
-    num_cpus = 1.0 if pool == 1 else 0.75  # leave CPU for read/decode tasks (2-core machine)
-    sets = {**MODEL, "pool_size": pool, "num_cpus": num_cpus, "threads": threads, "batch_size": batch}
-    cmd = [sys.executable, "-m", "pipeline", "run", "jobs/detect.yaml", "--input", dataset, "--output", out,
-           "--overwrite", "--no-progress"]
-    for key, value in sets.items():
-        cmd += ["--set", f"stages.detect.{key}={json.dumps(value)}"]
-    wall, peak, _ = measure(cmd)
+def run_loop(folder: str, batch: int) -> dict:
+    wall, peak, out = measure([sys.executable, "-c", LOOP, folder, str(batch)])
+    n, work, threads = out.split()[-3:]
+    return {"images": int(n), "wall_s": wall, "work_s": float(work), "peak_rss": peak, "threads": int(threads)}
+
+
+def run_pipeline(dataset: str, out: str) -> dict:
+    cmd = [sys.executable, "-m", "pipeline", "run", JOB, "--input", dataset, "--output", out, "--overwrite", "--no-progress"]
+    wall, peak, _ = measure(cmd, env={"RAY_USAGE_STATS_ENABLED": "0"})
     summary = json.loads((Path(out) / "job.json").read_text())["summary"]
-    return {"images": summary["rows_out"], "process_s": wall, "work_s": summary["wall_s"], "peak_rss": peak}
+    return {"images": summary["rows_out"], "wall_s": wall, "work_s": summary["wall_s"], "peak_rss": peak}
+
+
+def table(results: list[dict]) -> str:
+    header = ("images", "loop wall s", "pipeline wall s", "ratio loop/pipeline", "overhead s", "loop img/s",
+              "pipeline img/s", "peak RSS loop MiB", "peak RSS pipeline MiB", "RSS diff MiB")
+    rows = []
+    for r in results:
+        loop, pipe = r["loop"], r["pipeline"]
+        rows.append((
+            r["size"], f"{loop['wall_s']:.1f}", f"{pipe['wall_s']:.1f}", f"{loop['wall_s'] / pipe['wall_s']:.2f}",
+            f"{pipe['wall_s'] - loop['wall_s']:+.1f}" if r["size"] <= 32 else "",
+            f"{r['size'] / loop['wall_s']:.2f}", f"{r['size'] / pipe['wall_s']:.2f}",
+            f"{loop['peak_rss'] / 2**20:.0f}", f"{pipe['peak_rss'] / 2**20:.0f}",
+            f"{(pipe['peak_rss'] - loop['peak_rss']) / 2**20:+.0f}",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = [" | ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header] + rows]
+    lines.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 @click.command()
-@click.option("--sizes", multiple=True, type=int, default=(64, 256), show_default=True, help="Dataset sizes (images).")
-@click.option("--pools", multiple=True, type=int, default=(1, 2), show_default=True, help="Actor pool sizes to try.")
-@click.option("--threads", default=1, show_default=True, help="Torch threads, the same for loop and actors.")
-@click.option("--batch", default=4, show_default=True, help="Images per model call, the same for both.")
+@click.option("--sizes", multiple=True, type=int, default=(32, 512, 2048), show_default=True, help="Dataset sizes (images).")
+@click.option("--repeats", default=2, show_default=True, help="Runs of each side per size; the best wall is kept.")
+@click.option("--repeat-up-to", default=512, show_default=True, help="Larger sizes run once (a 2,048-image loop takes minutes).")
+@click.option("--batch", default=4, show_default=True, help="Images per model call in the loop (the job's is its own).")
 @click.option("--json-out", default="bench-output/throughput.json", show_default=True, help="Where to save raw numbers.")
-def main(sizes, pools, threads, batch, json_out) -> None:
-    """Print images/s of pipeline run vs a plain loop, their ratio and peak memory."""
-    from pipeline.data.synth import synth_dataset
-
+def main(sizes, repeats, repeat_up_to, batch, json_out) -> None:
+    """Print loop vs `pipeline run` wall time, their ratio, the fixed overhead and peak memory."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
-            dataset = f"{tmp}/shapes-{size}"
-            synth_dataset(dataset, images=size, seed=11, rows_per_shard=32)
-            base = run_loop(dataset, threads, batch)
-            results.append({"size": size, "mode": f"plain loop ({threads} thread)", **base})
-            for pool in pools:
-                res = run_pipeline(dataset, f"{tmp}/out-{size}-{pool}", pool, threads, batch)
-                results.append({"size": size, "mode": f"pipeline run, pool {pool}", **res})
-    header = ("images", "mode", "img/s (work)", "ratio", "img/s (process)", "ratio", "peak RSS MiB")
-    rows = []
-    for r in results:
-        base = next(b for b in results if b["size"] == r["size"] and b["mode"].startswith("plain"))
-        ips_work, ips_proc = r["images"] / r["work_s"], r["images"] / r["process_s"]
-        rows.append((r["size"], r["mode"], f"{ips_work:.2f}", f"{ips_work / (base['images'] / base['work_s']):.2f}",
-                     f"{ips_proc:.2f}", f"{ips_proc / (base['images'] / base['process_s']):.2f}", f"{r['peak_rss'] / 2**20:.0f}"))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for i, row in enumerate([header] + rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print("\nwork = model loop only (loop) / job wall time after Ray is up (pipeline);"
-          " process = whole command incl. interpreter, imports, Ray start-up.")
+            folder, dataset = make_dataset(tmp, size)
+            loops, pipes = [], []
+            for i in range(repeats if size <= repeat_up_to else 1):
+                loops.append(run_loop(folder, batch))
+                pipes.append(run_pipeline(dataset, f"{tmp}/out-{size}"))
+                print(f"{size} images, run {i + 1}: loop {loops[-1]['wall_s']:.1f} s, pipeline {pipes[-1]['wall_s']:.1f} s "
+                      f"(ratio {loops[-1]['wall_s'] / pipes[-1]['wall_s']:.2f})", file=sys.stderr, flush=True)
+            best = lambda runs: min(runs, key=lambda r: r["wall_s"])  # noqa: E731
+            results.append({"size": size, "loop": best(loops), "pipeline": best(pipes), "runs": {"loop": loops, "pipeline": pipes},
+                            "peak_rss_max": {"loop": max(r["peak_rss"] for r in loops), "pipeline": max(r["peak_rss"] for r in pipes)}})
+            print(table(results), file=sys.stderr, flush=True)  # so far (a long run can be read before it ends)
+    print(table(results))
+    print(f"\nbest of {repeats} per side (sizes up to {repeat_up_to}; larger: one run); ratio = loop wall / pipeline wall (whole commands); overhead (32 images) ="
+          " pipeline wall - loop wall; RSS = peak summed RSS of each command's process tree.")
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).write_text(json.dumps(results, indent=2))
 

@@ -87,7 +87,10 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
         ) from exc
     click.echo("")
     warnings = summary.pop("warnings", [])
+    actors = summary.pop("actors", None)  # a sentence, not a number: below the table
     print_table([(k, v) for k, v in summary.items()])
+    if actors:
+        click.echo(f"actors          {actors}")
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
     click.echo(f"predictions: {job.output}  (summary and resolved spec in {job.output.rstrip('/')}/job.json)")

@@ -10,6 +10,7 @@ paths tried.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -48,3 +49,19 @@ def find_relative(value: str, base_dir: Path | None) -> tuple[str | None, list[s
     if here.exists():
         return value, places
     return None, places
+
+
+_verified: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256 already computed in this process
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), computed once per process for an unchanged file (same inode, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _verified[key] = digest.hexdigest()
+    return _verified[key]

@@ -8,9 +8,9 @@ Resources are only *declared* here; :mod:`pipeline.engine.runner` applies them t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
 
@@ -27,13 +27,28 @@ class StageSpec(Strict):
     name: str = Field(description="unique within the job; addressable as --set stages.NAME.KEY=VALUE")
     type: str = Field(description="registered stage type, e.g. 'detect'")
     batch_size: PositiveInt = Field(4, description="images per model call (bounds memory per actor)")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor")
+    num_cpus: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="CPUs reserved per actor; auto/null: the pool's share of the cluster's CPUs, less room for "
+        "read/decode tasks (pipeline.engine.resources)",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractional shares a GPU")
-    pool_size: PositiveInt = Field(1, description="actors in this stage's pool")
-    threads: PositiveInt | None = Field(None, description="torch threads per actor (default: ceil(num_cpus))")
+    pool_size: PositiveInt | None = Field(
+        None,
+        description="actors in this stage's pool; auto/null: as many as fit (CPU: one per core, GPU: GPUs / num_gpus)",
+    )
+    threads: PositiveInt | None = Field(
+        None, description="torch threads per actor (default: ceil(num_cpus), or the actor's share of the cores when num_cpus is auto)"
+    )
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per actor, e.g. {gpu_node: 1} to pin a stage to labelled nodes"
     )
+
+    @field_validator("num_cpus", "pool_size", mode="before")
+    @classmethod
+    def _auto_is_none(cls, value: Any) -> Any:
+        """``auto`` (as written in a job file) and null both mean: derived from the cluster at run time."""
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
         """Keyword arguments for the stage class; ``categories`` are the input dataset's."""

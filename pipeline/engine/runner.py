@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -38,7 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema
-from pipeline.config.load import ConfigError, dump, missing_files
+from pipeline.config.load import ConfigError, dump, missing_files, path_settings
+from pipeline.config.paths import sha256_of
 from pipeline.config.spec import JobSpec
 from pipeline.data.decode import decode_batch
 from pipeline.data.importers import IMAGE_EXTENSIONS
@@ -59,6 +62,7 @@ from pipeline.data.shards import (
     write_shard,
 )
 from pipeline.engine.actor import StageActor
+from pipeline.engine.resources import StageResources, cluster_shape, resolve_resources
 
 JOB_JSON = "job.json"
 SHARD = "_shard"  # in-flight: index of the input shard a row came from
@@ -189,11 +193,35 @@ def _existing_outputs(output: str) -> list[str]:
         return []
 
 
+def provenance(job: JobSpec, job_id: str | None) -> dict:
+    """Where the predictions come from, for the output's ``dataset.json`` ``info``.
+
+    The input, the job's name and id, when it finished, a hash of the whole resolved spec (the spec
+    itself is in ``job.json``), and per stage its row-affecting settings (model, weights,
+    thresholds...) with the sha256 of every file it read (checkpoints, style images): enough to
+    tell two prediction sets apart, and to say which model a label came from.
+    """
+    spec = dump(job)
+    stages = []
+    for stage, settings in zip(job.stages, row_affecting(spec)["stages"]):
+        files = {}
+        for key in path_settings(type(stage)):
+            value = getattr(stage, key)
+            if isinstance(value, str) and os.path.isfile(value):
+                files[key] = {"path": os.path.abspath(value), "sha256": sha256_of(value)}
+        stages.append({**settings, "files": files})
+    return {
+        "source": job.input,
+        "job": job.name,
+        "job_id": job_id,
+        "finished": _now(),
+        "spec_sha256": hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode("utf-8")).hexdigest(),
+        "stages": stages,
+    }
+
+
 def job_fingerprint(job: JobSpec) -> str:
     """Hash of the row-affecting settings (``row_affecting``): equal for runs that write the same rows."""
-    import hashlib
-    import json
-
     text = json.dumps(row_affecting(dump(job)), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -239,13 +267,27 @@ def read_shard_rows(batch: pa.Table, *, shards: list[str], batch_rows: int):
             start += n
 
 
-def build_plan(plan: Plan):
-    """The lazy Ray Data dataset for ``plan`` (nothing runs until it is iterated)."""
+BLOCK_BYTES = 2 * 1024 * 1024  # target size of the plan's blocks (build_plan)
+
+
+def build_plan(plan: Plan, resources: list[StageResources] | None = None):
+    """The lazy Ray Data dataset for ``plan`` (nothing runs until it is iterated).
+
+    ``resources``: each stage's pool size, CPUs and threads per actor; by default resolved from the
+    connected cluster (``pipeline.engine.resources``: what the job leaves unset is derived).
+    """
     import ray.data
 
     job = plan.job
+    if resources is None:
+        resources = resolve_resources(job, *cluster_shape())
     pending = plan.pending
     ds = ray.data.from_items([{"shard_index": i} for i in pending], override_num_blocks=len(pending))
+    # Small blocks (this dataset's context only): Ray Data merges a task's outputs into blocks of up
+    # to 128 MiB, so a shard of a few hundred decoded 320 px images (300 KB each) reached the actor
+    # pool as ONE block and only one actor of the pool got work. Blocks of ~2 MiB (about 7 such
+    # images, or one photo) spread the rows over the pool; rows are regrouped by shard at the end.
+    ds.context.target_max_block_size = BLOCK_BYTES
     ds = ds.map_batches(
         read_shard_rows,
         fn_kwargs={"shards": plan.shards, "batch_rows": job.read_batch_rows},
@@ -260,8 +302,10 @@ def build_plan(plan: Plan):
         batch_format="pyarrow",
         num_cpus=job.decode.num_cpus,
     )
-    for i, (stage, kwargs) in enumerate(zip(job.stages, plan.stage_kwargs)):
+    for i, (stage, kwargs, res) in enumerate(zip(job.stages, plan.stage_kwargs, resources)):
         last = i == len(job.stages) - 1
+        if "threads" in kwargs and kwargs["threads"] is None:
+            kwargs = {**kwargs, "threads": res.threads}  # derived: the actor's share of the cores
         ds = ds.map_batches(
             StageActor,
             fn_constructor_kwargs={
@@ -273,8 +317,8 @@ def build_plan(plan: Plan):
             },
             batch_size=stage.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=stage.pool_size),
-            num_cpus=stage.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=res.pool_size),
+            num_cpus=res.num_cpus,
             num_gpus=stage.num_gpus,
             **({"resources": stage.resources} if stage.resources else {}),
         )
@@ -376,7 +420,7 @@ def run_job(
                 job.output,
                 DatasetMeta(
                     categories=plan.categories,
-                    info={"source": job.input, "job": job.name, "stages": [s.name for s in job.stages]},
+                    info=provenance(job, job_id),
                     kind="predictions",
                 ),
             )
@@ -437,10 +481,11 @@ def execute(plan: Plan, *, progress: bool = True, on_shard: Callable[[int, int],
     skipped_rows, skipped_errors = _count_finished(plan)
     collector = ShardCollector(plan)
     started = time.time()
+    resources = resolve_resources(job, *cluster_shape())
     with _progress(rows_in, job.name, progress) as bar:
         bar.update(skipped_rows)
         if plan.pending:
-            for batch in build_plan(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in build_plan(plan, resources).iter_batches(batch_size=None, batch_format="pyarrow"):
                 written = len(collector.done)
                 bar.update(collector.add(batch))
                 bar.set_postfix(errors=collector.error_rows, shards=f"{len(collector.done) + len(plan.finished)}/{len(plan.shards)}")
@@ -459,6 +504,7 @@ def execute(plan: Plan, *, progress: bool = True, on_shard: Callable[[int, int],
         "shards_skipped": len(plan.finished),
         "images_per_s": round(collector.rows_out / wall, 3) if wall > 0 else None,
         "wall_s": round(wall, 3),
+        "actors": "; ".join(f"{s.name}: {r.describe()}" for s, r in zip(job.stages, resources)),
         **_unmapped_warning(plan, collector),
     }
 
@@ -521,8 +567,6 @@ def metric_types(job: JobSpec) -> list[str]:
 
 def write_record(output: str, record: dict) -> None:
     """Write ``OUTPUT/job.json`` atomically (readers never see half a record; ``publish_bytes``)."""
-    import json
-
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
     publish_bytes(fs, posixpath.join(root, JOB_JSON), json.dumps(record, indent=2, default=str).encode("utf-8"))
@@ -530,8 +574,6 @@ def write_record(output: str, record: dict) -> None:
 
 def read_record(output: str) -> dict | None:
     """The job record in an output folder, or None if there is none."""
-    import json
-
     fs, root = resolve(output)
     try:
         with fs.open_input_stream(posixpath.join(root, JOB_JSON)) as f:

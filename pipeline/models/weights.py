@@ -24,7 +24,6 @@ built.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import re
@@ -38,7 +37,7 @@ import torch
 from torchvision.models import get_model_weights
 from torchvision.models._api import WeightsEnum
 
-from pipeline.config.paths import is_path
+from pipeline.config.paths import is_path, sha256_of
 
 
 class WeightsError(RuntimeError):
@@ -138,20 +137,6 @@ def _required_hash_prefix(url: str) -> str:
     return prefix
 
 
-_verified: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256 already computed in this process
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """The file's sha256 (hex), computed once per process for an unchanged file (same inode, size, mtime)."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _verified:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _verified[key] = digest.hexdigest()
-    return _verified[key]
 
 
 def verify_sha256(path: str | os.PathLike, prefix: str, *, url: str | None = None) -> None:

@@ -55,3 +55,21 @@ def test_labelled_input_of_other_classes_warns_with_both_name_lists(ray_local, t
     warning = next(line for line in result.output.splitlines() if line.startswith("warning:"))
     assert "map to no category of the input" in warning and "circle, rectangle, triangle" in warning
     assert ", ".join(c["name"] for c in read_meta(people).categories) in warning
+
+
+def test_predictions_record_their_provenance(ray_local, synth_ds, tmp_path):
+    """dataset.json says which model, which weights file (sha256), which job and settings made the labels."""
+    import hashlib
+
+    checkpoint = REPO / "conf" / "models" / "small_maskrcnn_shapes.pth"
+    out = str(tmp_path / "pred")
+    result = run_shapes_model(ray_local, synth_ds, out)
+    assert result.exit_code == 0, result.output
+    info = read_meta(out).info
+    record = json.loads((tmp_path / "pred" / "job.json").read_text())
+    assert info["job"] == "shapes_masks" and info["source"] == synth_ds and info["finished"]
+    assert info["spec_sha256"] == hashlib.sha256(json.dumps(record["spec"], sort_keys=True, default=str).encode()).hexdigest()
+    stage = info["stages"][0]
+    assert stage["model"] == "small_maskrcnn" and stage["score_threshold"] == 0.05
+    assert stage["files"]["weights"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert "batch_size" not in stage  # resources do not decide the labels

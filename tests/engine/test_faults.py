@@ -10,12 +10,10 @@ import time
 import pytest
 import ray.cloudpickle
 
-from pipeline.config.load import load_job
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.runner import read_record, run_job
 from pipeline.stages import STAGES, register
-from tests.conftest import REPO
 from tests.engine import probe_stage
 
 pytestmark = pytest.mark.ray

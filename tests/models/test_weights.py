@@ -1,5 +1,4 @@
 import hashlib
-import pickle
 import shutil
 
 import pytest
