@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 # 3000 ms, about 15 s); faster here so that the test spends its time on the job, not the detector.
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 ONE_ACTOR_PER_WORKER = [{"num_cpus": 2, "resources": {"worker_node": 1}}] * 2
-SHARDS = 12
+# Enough work that the kill always lands mid-job: on a quiet machine 48 images were done before
+# both actors had been seen on their nodes (the kill comes right after the first finished shard).
+SHARDS = 48
 
 
 @pytest.fixture
