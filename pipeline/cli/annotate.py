@@ -11,28 +11,9 @@ Only click is imported here; each command imports its library code when it runs.
 
 from __future__ import annotations
 
-import functools
-
 import click
 
-from pipeline.cli.common import user_errors
-
-
-def annotation_errors(fn):
-    """AnnotationError (bad class name, unmatched map, bad task...) -> one clean line, like user_errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ValueError as exc:
-            from pipeline.annotate import AnnotationError
-
-            if isinstance(exc, AnnotationError):
-                raise click.ClickException(str(exc)) from exc
-            raise
-
-    return user_errors(wrapper)
+from pipeline.cli.common import report_unreadable, user_errors
 
 
 def selection_options(fn):
@@ -83,7 +64,7 @@ MASK_NOTES = {
 @click.option("--images", "images", help="The images dataset (default: the source named in PRED's dataset.json).")
 @selection_options
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR.")
-@annotation_errors
+@user_errors
 def export_yolo_cmd(pred, out_dir, segments, images, min_score, per_class, categories_file, allow_unmatched, overwrite) -> None:
     """Export predictions as a YOLO dataset: images/, labels/*.txt, data.yaml.
 
@@ -110,7 +91,7 @@ def export_yolo_cmd(pred, out_dir, segments, images, min_score, per_class, categ
 @click.option("--masks", type=click.Choice(["polygons", "brush"]), help="Export masks as polygons or brush RLE instead of boxes.")
 @selection_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT and its .xml labelling config.")
-@annotation_errors
+@user_errors
 def export_labelstudio_cmd(pred, out, image_root, from_name, to_name, masks, min_score, per_class, categories_file,
                            allow_unmatched, overwrite) -> None:
     """Export predictions as Label Studio tasks with pre-annotations.
@@ -133,7 +114,7 @@ def export_labelstudio_cmd(pred, out, image_root, from_name, to_name, masks, min
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False), help="Folder holding the tasks' image files (matched by file name).")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
 @click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
-@annotation_errors
+@user_errors
 def import_labelstudio_cmd(export_json, out, images_dir, rows_per_shard, overwrite) -> None:
     """Import a Label Studio JSON export into shards at OUT.
 
@@ -150,10 +131,4 @@ def import_labelstudio_cmd(export_json, out, images_dir, rows_per_shard, overwri
                f"(no annotation), {c.get('without_labels', 0)} without either", err=True)
     if c.get("other_annotations_ignored"):
         click.echo(f"  ignored: {c['other_annotations_ignored']} further annotation(s) of tasks (the first one is used)", err=True)
-    errors = r["errors"]
-    if errors:
-        click.echo(f"{len(errors)} image(s) could not be read; kept as error rows:", err=True)
-        for line in errors[:10]:
-            click.echo(f"  {line}", err=True)
-        if len(errors) > 10:
-            click.echo(f"  ... and {len(errors) - 10} more", err=True)
+    report_unreadable(r["errors"])

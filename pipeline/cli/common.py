@@ -15,6 +15,7 @@ import click
 # are looked up only when a command fails: importing their modules here would load torch and Ray
 # for `pipeline --help`. A module that was never imported cannot have raised its exception.
 USER_ERRORS = {
+    "pipeline.annotate": "AnnotationError",
     "pipeline.config.load": "ConfigError",
     "pipeline.coordinator.submit": "SubmitError",
     "pipeline.data.importers": "DataImportError",
@@ -41,6 +42,16 @@ def user_errors(fn):
             raise
 
     return wrapper
+
+
+def report_unreadable(errors: list[str]) -> None:
+    """The images an import kept as error rows: the first 10 reasons, then how many more."""
+    if errors:
+        click.echo(f"{len(errors)} image(s) could not be read; kept as error rows:", err=True)
+        for line in errors[:10]:
+            click.echo(f"  {line}", err=True)
+        if len(errors) > 10:
+            click.echo(f"  ... and {len(errors) - 10} more", err=True)
 
 
 def print_table(rows: list[tuple], header: tuple | None = None) -> None:

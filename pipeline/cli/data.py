@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.common import print_table, user_errors
+from pipeline.cli.common import print_table, report_unreadable, user_errors
 
 
 @click.group()
@@ -14,13 +14,7 @@ def data() -> None:
 
 def _report(result: dict, out: str) -> None:
     click.echo(f"wrote {result['images']} images, {result['annotations']} annotations in {result['shards']} shard(s) to {out}")
-    errors = result.get("errors") or []
-    if errors:
-        click.echo(f"{len(errors)} image(s) could not be read; kept as error rows:", err=True)
-        for line in errors[:10]:
-            click.echo(f"  {line}", err=True)
-        if len(errors) > 10:
-            click.echo(f"  ... and {len(errors) - 10} more", err=True)
+    report_unreadable(result.get("errors") or [])
 
 
 @data.command("import-coco")

@@ -5,7 +5,7 @@ CPUs and a `worker_node` resource, so a stage that asks for `worker_node` can on
 worker. ``start_cluster`` starts a head and any workers for a test of its own (test_node_loss.py:
 two workers, one of which it kills). Both run from this venv (jobs
 submitted through the Job API use the `python` on the node's PATH). Token auth is disabled and
-every address is loopback (see ../shared/NOTES-environment.md). The cluster has its own temp dir
+every address is loopback (RAY_AUTH_MODE=disabled and --node-ip-address=127.0.0.1 on every ray start). The cluster has its own temp dir
 and ports, so it never touches the embedded Ray of other tests; it is stopped by killing the
 process groups of the `ray start --block` commands, never with `ray stop` (which would stop
 every Ray on the machine).
