@@ -223,22 +223,34 @@ def from_coco_dicts(
 ) -> GroundTruth:
     """Ground truth from COCO-style dicts: ``images`` as (id, height, width), annotations as in COCO."""
     cols = _plain_columns(anns)
-    if cols is not None:
-        if segm:
-            cols["segm"] = [_segm(ann.get("segmentation")) for ann in anns]
-        if keypoints:
-            for ann in anns:
-                kp = ann.get("keypoints") or None
-                cols["kps"].append([float(v) for v in kp] if kp else None)
-        return _assemble(
-            image_ids=np.array([i for i, _, _ in images], np.int64),
-            heights=np.array([h for _, h, _ in images], np.int64),
-            widths=np.array([w for _, _, w in images], np.int64),
-            categories=categories, image=cols["image"], ann_id=cols["id"], category=cols["category"],
-            area=cols["area"], iscrowd=cols["iscrowd"], bbox=cols["bbox"], num_keypoints=cols["nkp"],
-            segms=cols["segm"] if segm else None, keypoints=cols["kps"] if keypoints else None, source=source,
-        )
-    cols: dict[str, list] = {k: [] for k in ("image", "id", "category", "area", "iscrowd", "bbox", "nkp", "segm", "kps")}
+    if cols is None:
+        cols = _columns_one_by_one(anns, source)
+    if segm:
+        cols["segm"] = [_segm(ann.get("segmentation")) for ann in anns]
+    if keypoints:
+        cols["kps"] = [[float(v) for v in kp] if (kp := ann.get("keypoints") or None) else None for ann in anns]
+    return _assemble(
+        image_ids=np.array([i for i, _, _ in images], np.int64),
+        heights=np.array([h for _, h, _ in images], np.int64),
+        widths=np.array([w for _, _, w in images], np.int64),
+        categories=categories,
+        image=np.asarray(cols["image"], np.int64),
+        ann_id=np.asarray(cols["id"], np.int64),
+        category=np.asarray(cols["category"], np.int64),
+        area=np.asarray(cols["area"], np.float64),
+        iscrowd=np.asarray(cols["iscrowd"], np.int64),
+        bbox=np.asarray(cols["bbox"], np.float64).reshape(-1, 4),
+        num_keypoints=np.asarray(cols["nkp"], np.int64),
+        segms=cols["segm"] if segm else None,
+        keypoints=cols["kps"] if keypoints else None,
+        source=source,
+    )
+
+
+def _columns_one_by_one(anns: list, source: str) -> dict[str, list]:
+    """The numeric annotation columns, one annotation at a time: converts loose values ("7" ids,
+    missing fields) and names the annotation that cannot be read."""
+    cols: dict[str, list] = {k: [] for k in ("image", "id", "category", "area", "iscrowd", "bbox", "nkp")}
     for ann in anns:
         where = f"{source}: annotation id {ann.get('id')!r}"
         bbox = ann.get("bbox")
@@ -253,27 +265,7 @@ def from_coco_dicts(
         cols["bbox"].append([np.nan] * 4 if bbox is None else [float(v) for v in bbox])
         nkp = ann.get("num_keypoints")
         cols["nkp"].append(-1 if nkp is None else int(nkp))
-        if segm:
-            cols["segm"].append(_segm(ann.get("segmentation")))
-        if keypoints:
-            kp = ann.get("keypoints") or None
-            cols["kps"].append([float(v) for v in kp] if kp else None)
-    return _assemble(
-        image_ids=np.array([i for i, _, _ in images], np.int64),
-        heights=np.array([h for _, h, _ in images], np.int64),
-        widths=np.array([w for _, _, w in images], np.int64),
-        categories=categories,
-        image=np.array(cols["image"], np.int64),
-        ann_id=np.array(cols["id"], np.int64),
-        category=np.array(cols["category"], np.int64),
-        area=np.array(cols["area"], np.float64),
-        iscrowd=np.array(cols["iscrowd"], np.int64),
-        bbox=np.array(cols["bbox"], np.float64).reshape(-1, 4),
-        num_keypoints=np.array(cols["nkp"], np.int64),
-        segms=cols["segm"] if segm else None,
-        keypoints=cols["kps"] if keypoints else None,
-        source=source,
-    )
+    return cols
 
 
 def _plain_columns(anns: list) -> dict | None:
@@ -309,7 +301,6 @@ def _plain_columns(anns: list) -> dict | None:
     except (OverflowError, ValueError, TypeError):
         return None
     cols["bbox"] = box
-    cols["segm"], cols["kps"] = [], []
     return cols
 
 
