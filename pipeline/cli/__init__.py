@@ -9,6 +9,7 @@ from pipeline.cli.annotate import export_labelstudio_cmd, export_yolo_cmd, impor
 from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd, export_coco_cmd
 from pipeline.cli.jobs import jobs, submit
+from pipeline.cli.review import review_cmd
 from pipeline.cli.run import run
 from pipeline.cli.style import train_style
 from pipeline.cli.train import train
@@ -27,6 +28,7 @@ main.add_command(train)
 main.add_command(train_style)
 main.add_command(submit)
 main.add_command(jobs)
+main.add_command(review_cmd)
 data.add_command(export_coco_cmd)
 data.add_command(export_yolo_cmd)
 data.add_command(export_labelstudio_cmd)
