@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo "==> creating $(VENV) and installing pinned dependencies (first run: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@# datumaro (CVAT's dataset library) checks export-coco; every release pins opencv/pillow/pyarrow/numpy
+	@# versions other than ours, so it goes in without its dependencies, those it needs pinned in the lock.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c requirements.lock datumaro cachetools imagesize json-stream json-stream-rs-tokenizer orjson ruamel.yaml shapely
 	@touch $(STAMP)
 
 # The demo's model: the small Mask R-CNN that `make model` trains (jobs/train_shapes.yaml), shipped

@@ -19,10 +19,19 @@ dataset names in the order they first appear in the map file. Exports number the
 applies, checked in this order: ``no_category`` (category_id -1 or an id that ``dataset.json``
 does not list), ``dropped_by_map``, ``unmapped``, ``below_threshold``.
 
+Per class: ``Selector.dropped_by_class`` counts the same drops by ``(reason, class)`` (the output
+name for ``below_threshold``, the predictions' name for the map reasons), so a merge can report
+per category what it left out.
+
+Provenance: :func:`prediction_source` turns the predictions' ``dataset.json`` (written by the
+runner: job, job id, each stage's model and the sha256 of its weights file) into the one line
+every exported or merged object carries as its ``source``.
+
 Images: every prediction row comes out once (``duplicate_images``: a repeated image_id is
 counted and skipped). Error rows (``error`` set: the image could not be read) come out with
 ``error`` set and no objects; each export decides what to do with them and counts them.
-Boxes are **xyxy** float pixels of the image as displayed; masks stay compressed COCO RLE.
+Boxes are **xyxy** float pixels of the image as displayed; masks stay compressed COCO RLE. A box
+that is not finite or has a negative width or height (x2 < x1) is an error naming the image.
 """
 
 from __future__ import annotations
@@ -117,6 +126,7 @@ class SelectedObject:
     source_category: str  # the predictions' name, before the map
     mask: dict | None = None
     keypoints: list[float] | None = None
+    source_category_id: int | None = None  # the predictions' category_id (the dataset's id, before the map)
 
 
 @dataclass
@@ -139,13 +149,19 @@ class Selector:
     >>> sel.counts   # {"images": ..., "error_rows": ..., "objects_in": ..., "objects_kept": ..., <drop reasons>}
     """
 
-    def __init__(self, pred: str, options: SelectOptions, *, source: str | None = None):
+    def __init__(self, pred: str, options: SelectOptions, *, source: str | None = None, name_unknown: bool = False):
+        """``source``: the images dataset whose categories name the ids when ``pred`` records none.
+        ``name_unknown``: with no category list anywhere, name the ids the predictions use
+        ``class <id>`` (as ``pipeline data render`` labels them) instead of failing: the COCO
+        results export, whose ids are all an evaluator needs, takes it."""
         from pipeline.data.render import known_categories
         from pipeline.data.shards import read_meta
 
         self.pred, self.options = pred, options
         self.meta = read_meta(pred)
         categories = known_categories(self.meta, source)
+        if not categories and name_unknown:
+            categories = [{"id": c, "name": f"class {c}"} for c in used_category_ids(pred)]
         if not categories:
             raise AnnotationError(
                 f"{pred}: no category names in its dataset.json nor in its source dataset's; "
@@ -157,6 +173,7 @@ class Selector:
         self.output_categories, self._target = self._resolve_map()
         self._thresholds = self._resolve_thresholds()
         self.counts: Counter = Counter()
+        self.dropped_by_class: Counter = Counter()
 
     # --- validation -----------------------------------------------------------------------------
 
@@ -199,6 +216,7 @@ class Selector:
         from pipeline.data.shards import list_shards, read_shard, shard_schema
 
         self.counts = Counter(images=0, error_rows=0, objects_in=0, objects_kept=0)
+        self.dropped_by_class = Counter()
         class_index = {n: i for i, n in enumerate(self.output_categories)}
         seen: set[int] = set()
         for shard in list_shards(self.pred):
@@ -251,19 +269,24 @@ class Selector:
             self.counts["objects_in"] += 1
             if box is None or len(box) != 4 or not all(math.isfinite(v) for v in box) or score is None or not math.isfinite(score):
                 raise AnnotationError(f"{where}: object {n} has no finite box/score ({box}, {score})")
+            if box[2] < box[0] or box[3] < box[1]:
+                raise AnnotationError(f"{where}: object {n} has a box with negative width or height {list(box)} (xyxy)")
             name = self.source_names.get(int(cat)) if cat is not None else None
             if name is None:
                 self.counts["no_category"] += 1
                 continue
             if name not in self._target:
                 self.counts["unmapped"] += 1
+                self.dropped_by_class["unmapped", name] += 1
                 continue
             out = self._target[name]
             if out is None:
                 self.counts["dropped_by_map"] += 1
+                self.dropped_by_class["dropped_by_map", name] += 1
                 continue
             if score < self._thresholds[name]:
                 self.counts["below_threshold"] += 1
+                self.dropped_by_class["below_threshold", out] += 1
                 continue
             if masks is not None and masks[n] is None:
                 raise AnnotationError(f"{where}: object {n} has no mask")
@@ -272,6 +295,7 @@ class Selector:
                 box=tuple(float(v) for v in box), score=float(score), class_index=class_index[out], category=out,
                 source_category=name, mask=masks[n] if masks is not None else None,
                 keypoints=list(keypoints[n]) if keypoints is not None and keypoints[n] is not None else None,
+                source_category_id=int(cat),
             ))
         return kept
 
@@ -279,3 +303,49 @@ class Selector:
 def describe_counts(counts: Mapping[str, int]) -> list[str]:
     """Human lines for the non-zero drop counts (the CLI prints them; nothing leaves silently)."""
     return [f"dropped: {counts[k]} {text}" for k, text in DROP_REASONS.items() if counts.get(k)]
+
+
+def used_category_ids(pred: str) -> list[int]:
+    """The category ids a prediction dataset's boxes use (not -1), sorted; reads one column."""
+    import pyarrow.compute as pc
+
+    from pipeline import schema
+    from pipeline.data.shards import list_shards, read_shard, shard_schema
+
+    used: set[int] = set()
+    for shard in list_shards(pred):
+        if schema.CATEGORY_IDS in shard_schema(shard).names:
+            flat = pc.list_flatten(read_shard(shard, columns=[schema.CATEGORY_IDS])[schema.CATEGORY_IDS])
+            used.update(int(c) for c in pc.unique(flat).to_pylist() if c is not None and c != -1)
+    return sorted(used)
+
+
+def prediction_source(meta, pred: str) -> str:
+    """Where a prediction dataset's objects come from, in one line: the ``source`` of each exported object.
+
+    From the ``info`` the runner writes into ``dataset.json`` (:func:`pipeline.engine.runner.provenance`):
+    ``"<job>: <model> <weights file> sha256:<first 12>; job <job id>"``, e.g.
+    ``"shapes_masks: small_maskrcnn small_maskrcnn_shapes.pth sha256:1f0c6d2a9b3e; job 7c1e..."``.
+    Stages without a model (proposals) are left out; older dataset.json files with less in them
+    give less (at least the job name, else the prediction folder's name).
+    """
+    import posixpath
+
+    info = meta.info or {}
+    name = str(info.get("job") or info.get("model") or posixpath.basename(str(pred).rstrip("/")) or "predictions")
+    parts = []
+    for stage in info.get("stages") or []:
+        if not isinstance(stage, dict) or not stage.get("model"):
+            continue
+        text = str(stage["model"])
+        weights = ((stage.get("files") or {}).get("weights")) or {}
+        if weights.get("path"):
+            text += f" {posixpath.basename(str(weights['path']).replace(chr(92), '/'))}"
+        elif stage.get("weights") not in (None, ""):
+            text += f" weights={stage['weights']}"
+        if weights.get("sha256"):
+            text += f" sha256:{str(weights['sha256'])[:12]}"
+        parts.append(text)
+    if info.get("job_id"):
+        parts.append(f"job {info['job_id']}")
+    return f"{name}: {'; '.join(parts)}" if parts else name

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from pipeline import __version__
-from pipeline.cli.annotate import export_labelstudio_cmd, export_yolo_cmd, import_labelstudio_cmd
+from pipeline.cli.annotate import export_coco_cmd, export_labelstudio_cmd, export_yolo_cmd, import_labelstudio_cmd, merge_cmd
 from pipeline.cli.data import data
-from pipeline.cli.eval import eval_cmd, export_coco_cmd
+from pipeline.cli.eval import eval_cmd
 from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.review import review_cmd
 from pipeline.cli.run import run
@@ -33,3 +33,4 @@ data.add_command(export_coco_cmd)
 data.add_command(export_yolo_cmd)
 data.add_command(export_labelstudio_cmd)
 data.add_command(import_labelstudio_cmd)
+data.add_command(merge_cmd)

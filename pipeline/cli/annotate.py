@@ -1,9 +1,9 @@
-"""``pipeline data export-yolo | export-labelstudio | import-labelstudio``: annotation round trips.
+"""``pipeline data export-coco | export-yolo | export-labelstudio | import-labelstudio | merge``: annotation round trips.
 
 Register with::
 
-    from pipeline.cli.annotate import export_yolo_cmd, export_labelstudio_cmd, import_labelstudio_cmd
-    data.add_command(export_yolo_cmd)
+    from pipeline.cli.annotate import export_coco_cmd, export_yolo_cmd, export_labelstudio_cmd, import_labelstudio_cmd, merge_cmd
+    data.add_command(export_coco_cmd)
     ...
 
 Only click is imported here; each command imports its library code when it runs.
@@ -55,6 +55,45 @@ MASK_NOTES = {
     "mask_holes_filled": "mask holes filled: {n} (polygons have no holes)",
     "empty_masks": "objects with an empty mask left out: {n}",
 }
+
+
+POLYGON_NOTES = {
+    "empty_masks": "objects with an empty mask left out: {n} (no polygon to write)",
+    "multipart_masks": "masks in several parts: {n} (one polygon per part)",
+    "mask_holes": "mask holes kept: {n} (cut into their part's polygon)",
+}
+
+
+@click.command("export-coco")
+@click.argument("pred")
+@click.argument("out")
+@click.option("--as-dataset", is_flag=True, help="Write a full COCO dataset (images, categories, annotations) instead of a results list.")
+@click.option("--polygons", is_flag=True, help="With --as-dataset: masks as polygons (one per part, holes kept) instead of RLE.")
+@click.option("--polygon-tolerance", default=0.5, show_default=True, type=float,
+              help="Simplify --polygons by this many pixels (Douglas-Peucker); 0 keeps every corner.")
+@selection_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (a COCO dataset written with --as-dataset).")
+@user_errors
+def export_coco_cmd(pred, out, as_dataset, polygons, polygon_tolerance, min_score, per_class, categories_file,
+                    allow_unmatched, overwrite) -> None:
+    """Export predictions as COCO results JSON (or a COCO dataset).
+
+    Writes prediction dataset PRED to OUT: bbox xywh, the dataset's category ids (1..K under
+    --categories), masks as RLE (or polygons), keypoints; with --as-dataset each annotation
+    carries its score and attributes.source (model, weights sha256, job).
+    """
+    import os
+
+    from pipeline.annotate.coco import export_coco
+
+    if as_dataset and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace that dataset file, or choose another name")
+    options = _options(min_score, per_class, categories_file, allow_unmatched)
+    r = export_coco(pred, out, as_dataset=as_dataset, options=options, polygons=polygons, polygon_tolerance=polygon_tolerance)
+    what = "annotations" if as_dataset else "detections"
+    left_out = f"; left out {r['error_rows']} error row(s) (images that could not be read)" if r["error_rows"] else ""
+    click.echo(f"wrote {r['detections']} {what} for {r['images']} images, {len(r['categories'])} categories to {out}{left_out}")
+    _report_counts({**r, "error_rows": 0}, POLYGON_NOTES)
 
 
 @click.command("export-yolo")
@@ -132,3 +171,41 @@ def import_labelstudio_cmd(export_json, out, images_dir, rows_per_shard, overwri
     if c.get("other_annotations_ignored"):
         click.echo(f"  ignored: {c['other_annotations_ignored']} further annotation(s) of tasks (the first one is used)", err=True)
     report_unreadable(r["errors"])
+
+
+@click.command("merge")
+@click.argument("ds")
+@click.argument("pred")
+@click.argument("out")
+@click.option("--mode", type=click.Choice(["append", "replace", "fill-missing"]), default="fill-missing", show_default=True,
+              help="append: add every selected prediction; fill-missing: only those matching no existing annotation; "
+                   "replace: an image's predictions replace its annotations.")
+@click.option("--iou", default=0.5, show_default=True, type=float,
+              help="fill-missing: a prediction with box IoU >= this with an annotation of its class is skipped.")
+@selection_options
+@click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards, dataset.json and merge.json).")
+@user_errors
+def merge_cmd(ds, pred, out, mode, iou, min_score, per_class, categories_file, allow_unmatched, rows_per_shard, overwrite) -> None:
+    """Merge predictions PRED into the labelled dataset DS, as a new dataset OUT.
+
+    Existing annotations are never changed; each annotation's source ("human", or the model and
+    weights of the predictions) and score go into the annotation_sources / annotation_scores
+    columns. Counts per category are printed and written to OUT/merge.json.
+    """
+    from pipeline.annotate.merge import PER_CATEGORY, merge
+    from pipeline.cli.common import print_table
+
+    options = _options(min_score, per_class, categories_file, allow_unmatched)
+    r = merge(ds, pred, out, mode=mode, iou=iou, options=options, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    t, im = r["totals"], r["images"]
+    click.echo(f"{mode}: kept {t['kept']}, added {t['added']}, skipped {t['skipped']}, replaced {t['replaced']} "
+               f"annotation(s) over {im['images']} images ({im.get('with_predictions', 0)} with predictions) "
+               f"in {r['shards']} shard(s) to {out}")
+    if r["per_category"]:
+        print_table([(name, *(c[k] for k in PER_CATEGORY)) for name, c in r["per_category"].items()],
+                    header=("category", *(k.replace("_", " ") for k in PER_CATEGORY)))
+    if r["images"]["prediction_error_rows"]:
+        click.echo(f"  {r['images']['prediction_error_rows']} prediction error row(s): those images keep their annotations", err=True)
+    _report_counts({**r["dropped"], "error_rows": 0}, {})
+    click.echo(f"counts: {out.rstrip('/')}/merge.json; sources: {r['source']}")

@@ -18,7 +18,8 @@ def _report(result: dict, out: str) -> None:
 
 
 @data.command("import-coco")
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False), help="Folder the COCO file_names are relative to.")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder the COCO file_names are relative to, or the original dataset to relink them to (ids and bytes from it).")
 @click.option("--annotations", "annotations_file", required=True, type=click.Path(dir_okay=False), help="COCO annotations JSON file.")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
 @click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
@@ -26,13 +27,23 @@ def _report(result: dict, out: str) -> None:
 @click.argument("out")
 @user_errors
 def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int, out: str, overwrite: bool, allow_missing_images: bool) -> None:
-    """Import a COCO dataset (images + JSON) into shards at OUT."""
-    from pipeline.data.importers import import_coco
+    """Import a COCO dataset (images + JSON) into shards at OUT.
+
+    Images are found by file_name (else by base name, if unique); with a dataset as --images,
+    each image is relinked to the original image of that name and takes its image_id, as a
+    labelling tool's export needs (tools renumber ids).
+    """
+    from pipeline.data.importers import import_coco, is_dataset
 
     result = import_coco(
         images_dir, annotations_file, out, rows_per_shard=rows_per_shard, overwrite=overwrite, allow_missing_images=allow_missing_images
     )
     _report(result, out)
+    if is_dataset(images_dir):
+        click.echo(f"  relinked to {images_dir} by file name: {result['images']} image(s) "
+                   f"({result['relinked']} by base name only); image_ids are the dataset's", err=True)
+    elif result["relinked"]:
+        click.echo(f"  found by base name only: {result['relinked']} image(s) (file_name set to the path found under --images)", err=True)
 
 
 @data.command("import-images")

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.coco_file import int_id, read_coco_file
-from pipeline.data.shards import DatasetMeta, ShardWriter, write_meta
+from pipeline.data.shards import DATASET_JSON, DatasetMeta, ShardWriter, write_meta
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -98,62 +98,212 @@ def import_coco(
     overwrite: bool = False,
     allow_missing_images: bool = False,
 ) -> dict:
-    """Import a COCO annotations file and its image folder. Returns counts and per-image errors.
+    """Import a COCO annotations file and its images. Returns counts and per-image errors.
 
-    An image file that is missing or unreadable becomes an error row (its annotations are kept).
-    A folder that holds none of the file's images is refused before anything is written (almost
-    always the wrong ``--images``), unless ``allow_missing_images``: ground truth imported only to
-    evaluate predictions against (``pipeline eval --gt``) needs no image bytes.
+    ``images_dir`` is either
+
+    * a **folder** the ``file_name`` values are relative to. A name not found there is looked up by its
+      base name anywhere under the folder (labelling tools often export ``file_name`` without the
+      folders, or under a folder of their own): a unique match is used, and the row's
+      ``file_name`` becomes that file's path relative to the folder (counted: ``relinked``);
+      several matches are an error naming them. An image file that is missing or unreadable
+      becomes an error row (its annotations are kept). A folder that holds none of the file's
+      images is refused before anything is written (almost always the wrong ``--images``), unless
+      ``allow_missing_images``: ground truth imported only to evaluate predictions against
+      (``pipeline eval --gt``) needs no image bytes.
+    * one of our **datasets** (a folder with ``dataset.json``, or a URI): the original images a
+      labelling tool's export was made from. Each image of the file is relinked to the dataset's
+      image of the same ``file_name`` (else the same base name, if unique): the row gets the
+      dataset's ``image_id``, ``file_name`` and image bytes, so the corrected labels line up with
+      the original dataset and with predictions made on it, whatever ids the tool gave
+      (tools renumber images and annotations). An image the dataset does not hold, two images of
+      the file relinked to one image, or a size that differs from the original's is an error
+      naming the image. ``allow_missing_images`` does not apply.
+
+    Annotations follow their image through the file's own ``image_id``; their ``id`` values are kept.
     """
     coco = read_coco_file(annotations_file, DataImportError)
 
     images = sorted(coco["images"], key=lambda im: _int_id(im["id"], "image id"))
     by_image: dict[int, list[dict]] = defaultdict(list)
     known = {_int_id(im["id"], "image id") for im in images}
+    if len(known) != len(images):
+        raise DataImportError(f"{annotations_file}: an image id is listed twice")
     for ann in coco.get("annotations", []):
         image_id = _int_id(ann["image_id"], f"annotation {ann.get('id')!r} image_id")
         if image_id not in known:
             raise DataImportError(f"{annotations_file}: annotation {ann.get('id')!r} refers to unknown image_id {image_id}")
         by_image[image_id].append(ann)
-
-    root = Path(images_dir)
     if not images:
         raise DataImportError(f"{annotations_file}: no images listed; nothing to import")
-    if not allow_missing_images and not any(_safe_image_path(root, im["file_name"]).is_file() for im in images):
-        examples = ", ".join(im["file_name"] for im in images[:3])
-        raise DataImportError(
-            f"none of the {len(images)} images of {annotations_file} is in {images_dir} (e.g. {examples}); "
-            "nothing was imported: check --images (file_names are relative to it), or pass --allow-missing-images "
-            "to import the annotations alone (ground truth for pipeline eval)"
-        )
-    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
-    errors: list[str] = []
-    for im in images:
-        image_id = _int_id(im["id"], "image id")
-        file_name = im["file_name"]
-        data, error = _read_image_bytes(_safe_image_path(root, file_name))
-        if error:
-            errors.append(f"image {image_id}: {error}")
-        height, width = int(im["height"]), int(im["width"])
-        writer.add(
-            {
-                schema.IMAGE_ID: image_id,
-                schema.FILE_NAME: file_name,
-                schema.WIDTH: width,
-                schema.HEIGHT: height,
-                schema.IMAGE: data,
-                schema.ANNOTATIONS: [coco_annotation_to_row(a, height, width) for a in by_image.get(image_id, [])],
-                schema.ERROR: error,
-            }
-        )
+
+    if is_dataset(images_dir):
+        rows, relinked = _relink_to_dataset(images_dir, images, annotations_file)
+        errors = [f"image {r[schema.IMAGE_ID]}: {r[schema.ERROR]}" for r, _ in rows if r[schema.ERROR]]
+        writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
+        for row, im in rows:
+            height, width = row[schema.HEIGHT], row[schema.WIDTH]
+            anns = by_image.get(_int_id(im["id"], "image id"), [])
+            writer.add({**row, schema.ANNOTATIONS: [coco_annotation_to_row(a, height, width) for a in anns]})
+    else:
+        root = Path(images_dir)
+        finder = _FolderImages(root)
+        found = [finder.find(im["file_name"]) for im in images]
+        if not allow_missing_images and not any(path is not None for path, _ in found):
+            examples = ", ".join(im["file_name"] for im in images[:3])
+            raise DataImportError(
+                f"none of the {len(images)} images of {annotations_file} is in {images_dir} (e.g. {examples}); "
+                "nothing was imported: check --images (file_names are relative to it), or pass --allow-missing-images "
+                "to import the annotations alone (ground truth for pipeline eval)"
+            )
+        writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
+        errors: list[str] = []
+        relinked = 0
+        for im, (path, other_name) in zip(images, found):
+            image_id = _int_id(im["id"], "image id")
+            file_name = im["file_name"]
+            if other_name is not None:
+                file_name = other_name
+                relinked += 1
+            data, error = _read_image_bytes(path if path is not None else _safe_image_path(root, file_name))
+            if error:
+                errors.append(f"image {image_id}: {error}")
+            height, width = int(im["height"]), int(im["width"])
+            writer.add(
+                {
+                    schema.IMAGE_ID: image_id,
+                    schema.FILE_NAME: file_name,
+                    schema.WIDTH: width,
+                    schema.HEIGHT: height,
+                    schema.IMAGE: data,
+                    schema.ANNOTATIONS: [coco_annotation_to_row(a, height, width) for a in by_image.get(image_id, [])],
+                    schema.ERROR: error,
+                }
+            )
     writer.flush()
     categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
     raw_info = coco.get("info") or {}
     info = dict(raw_info) if isinstance(raw_info, dict) else {"description": str(raw_info)}  # some files use a string
     info["source"] = os.path.abspath(annotations_file)
+    if is_dataset(images_dir):
+        info["images_from"] = images_dir
     write_meta(out, DatasetMeta(categories=categories, info=info))
     n_ann = sum(len(v) for v in by_image.values())
-    return {"images": len(images), "annotations": n_ann, "shards": writer.shards_written, "errors": errors}
+    return {"images": len(images), "annotations": n_ann, "shards": writer.shards_written, "errors": errors,
+            "relinked": relinked}
+
+
+def is_dataset(path: str) -> bool:
+    """A URI, or a folder holding ``dataset.json``: one of our datasets rather than a folder of image files."""
+    return "://" in path or (Path(path) / DATASET_JSON).is_file()
+
+
+class _FolderImages:
+    """Find a COCO ``file_name`` under a folder: as a relative path, else by base name (unique)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._by_name: dict[str, list[str]] | None = None
+
+    def find(self, file_name: str) -> tuple[Path | None, str | None]:
+        """(the file, or None; its path relative to the folder when found under another name)."""
+        exact = _safe_image_path(self.root, file_name)
+        if exact.is_file():
+            return exact, None
+        if self._by_name is None:  # listed once, on the first name not found as written
+            self._by_name = defaultdict(list)
+            if self.root.is_dir():
+                for p in sorted(self.root.rglob("*")):
+                    if p.is_file():
+                        self._by_name[p.name].append(p.relative_to(self.root).as_posix())
+        candidates = self._by_name.get(_basename(file_name), [])
+        if len(candidates) > 1:
+            raise DataImportError(
+                f"file_name {file_name!r} is not under {self.root} as written, and its base name matches several files: "
+                f"{', '.join(candidates[:3])}"
+            )
+        if not candidates:
+            return None, None
+        return _safe_image_path(self.root, candidates[0]), candidates[0]
+
+
+def _basename(file_name: str) -> str:
+    return file_name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _relink_to_dataset(dataset: str, images: list[dict], annotations_file: str) -> tuple[list[tuple[dict, dict]], int]:
+    """Rows (image columns, from the dataset) paired with the file's image dicts, in the dataset's image_id order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data.shards import list_shards, read_shard, shard_schema
+
+    where: dict[str, tuple[str, int]] = {}  # file_name -> (shard, image_id)
+    by_base: dict[str, list[str]] = defaultdict(list)
+    sizes: dict[int, tuple] = {}
+    for shard in list_shards(dataset):
+        present = shard_schema(shard).names
+        table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT) if c in present])
+        for r in table.to_pylist():
+            name = r.get(schema.FILE_NAME)
+            if name is None or name in where:
+                continue
+            where[name] = (shard, int(r[schema.IMAGE_ID]))
+            by_base[_basename(name)].append(name)
+            sizes[int(r[schema.IMAGE_ID])] = (r.get(schema.WIDTH), r.get(schema.HEIGHT))
+    links: dict[int, dict] = {}
+    relinked, missing = 0, []
+    for im in images:
+        name = im["file_name"]
+        if name not in where:
+            same = by_base.get(_basename(name), [])
+            if len(same) > 1:
+                raise DataImportError(f"{annotations_file}: image {im['id']} ({name}) is not in {dataset} by that name, and its "
+                                      f"base name matches several of its images: {', '.join(same[:3])}")
+            if not same:
+                missing.append(f"{im['id']} ({name})")
+                continue
+            name = same[0]
+            relinked += 1
+        shard, image_id = where[name]
+        if image_id in links:
+            raise DataImportError(f"{annotations_file}: images {links[image_id]['id']} ({links[image_id]['file_name']}) and "
+                                  f"{im['id']} ({im['file_name']}) both relink to image_id {image_id} ({name}) of {dataset}")
+        width, height = sizes[image_id]
+        if width is not None and (int(im["width"]), int(im["height"])) != (int(width), int(height)):
+            raise DataImportError(f"{annotations_file}: image {im['id']} ({im['file_name']}) is {im['width']}x{im['height']}, "
+                                  f"but {name} of {dataset} is {width}x{height}: not the same image")
+        links[image_id] = im
+    if missing:
+        raise DataImportError(f"{annotations_file}: {len(missing)} image(s) are not in {dataset}, by file name or base name "
+                              f"(e.g. image {', '.join(missing[:3])}); nothing was imported")
+    rows: list[tuple[dict, dict]] = []
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for name, (shard, image_id) in where.items():
+        if image_id in links:
+            by_shard[shard].append(image_id)
+    emitted: set[int] = set()
+    for shard, ids in by_shard.items():
+        present = shard_schema(shard).names
+        cols = [c for c in (schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.IMAGE, schema.ERROR) if c in present]
+        table = read_shard(shard, columns=cols)
+        table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=pa.array(ids, pa.int64())))
+        for r in table.to_pylist():
+            image_id = int(r[schema.IMAGE_ID])
+            if image_id not in links or image_id in emitted:
+                continue
+            emitted.add(image_id)
+            im = links[image_id]
+            rows.append(({
+                schema.IMAGE_ID: image_id,
+                schema.FILE_NAME: r[schema.FILE_NAME],
+                schema.WIDTH: int(im["width"]),
+                schema.HEIGHT: int(im["height"]),
+                schema.IMAGE: r.get(schema.IMAGE),
+                schema.ERROR: r.get(schema.ERROR) or (None if r.get(schema.IMAGE) else f"no image bytes in {dataset}"),
+            }, im))
+    rows.sort(key=lambda pair: pair[0][schema.IMAGE_ID])
+    return rows, relinked
 
 
 def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000, overwrite: bool = False) -> dict:

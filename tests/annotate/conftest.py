@@ -59,3 +59,24 @@ def shapes(tmp_path_factory):
     synth_dataset(images, images=10, seed=11, size=96, rows_per_shard=5)
     pred = str(root / "pred")
     return images, pred, make_predictions(images, pred)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The evaluation tests' synthetic case, smaller: 100 images (one error row), GT imported, predictions in 4 shards.
+
+    Detections include category -1 and categories without GT, keypoints, masks and error rows.
+    Returns ``gt_json``, ``gt`` (dataset), ``pred`` (prediction dataset), ``coco`` and ``rows``.
+    """
+    import json
+
+    from pipeline.data.importers import import_coco
+    from pipeline.eval.synthetic import synthetic_case, write_predictions
+
+    root = tmp_path_factory.mktemp("synthetic")
+    coco, rows = synthetic_case(images=100, seed=3, detections_per_image=16, categories=6, keypoints=True)
+    gt_json = root / "gt.json"
+    gt_json.write_text(json.dumps(coco))
+    import_coco(str(root / "images"), str(gt_json), str(root / "gt"), rows_per_shard=20, allow_missing_images=True)
+    write_predictions(rows, str(root / "pred"), categories=coco["categories"], rows_per_shard=15)
+    return {"root": root, "gt_json": gt_json, "gt": str(root / "gt"), "pred": str(root / "pred"), "coco": coco, "rows": rows}

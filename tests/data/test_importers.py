@@ -166,3 +166,30 @@ def test_import_coco_with_none_of_the_images_fails_and_writes_nothing(fixtures_d
     )
     assert gt_only.exit_code == 0, gt_only.output
     assert dataset_info(str(out))["error_rows"] == 3 and dataset_info(str(out))["annotations"] > 0
+
+
+def test_import_coco_finds_images_by_base_name(fixtures_dir, tmp_path):
+    """Tools export file_names without the folders (or under their own): a unique base name is found."""
+    import shutil
+
+    sahi = fixtures_dir / "images" / "sahi"
+    coco = json.loads((sahi / "terrain_all_coco.json").read_text())
+    for im in coco["images"]:
+        im["file_name"] = "task_1/" + im["file_name"].rsplit("/", 1)[-1]  # the tool's folder
+    ann = tmp_path / "export.json"
+    ann.write_text(json.dumps(coco))
+    photos = tmp_path / "photos" / "2026"
+    photos.mkdir(parents=True)
+    for name in ("terrain1.jpg", "terrain2.png"):
+        shutil.copy(sahi / name, photos / name)
+    result = import_coco(str(tmp_path / "photos"), str(ann), str(tmp_path / "ds"))
+    rows = read_shard(list_shards(str(tmp_path / "ds"))[0]).to_pylist()
+    found = [r for r in rows if r["image"] is not None]
+    assert result["relinked"] == len(found) == 2 and len(result["errors"]) == 1  # terrain3.png is not in the fixture
+    for r in found:
+        assert r["file_name"].startswith("2026/") and r["image"] == (photos / r["file_name"].split("/")[1]).read_bytes()
+    # two files with that base name: which one is meant is not guessed
+    (tmp_path / "photos" / "2025").mkdir()
+    shutil.copy(sahi / "terrain1.jpg", tmp_path / "photos" / "2025")
+    with pytest.raises(DataImportError, match="matches several files"):
+        import_coco(str(tmp_path / "photos"), str(ann), str(tmp_path / "ds2"))
