@@ -122,9 +122,9 @@ def run_cold(cmd: list[str], iou_type: str) -> tuple[float, float, np.ndarray]:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     value = json.loads(proc.stdout)
     if isinstance(value, dict):  # pipeline eval --json
-        from pipeline.eval.params import stat_keys
+        from pipeline.eval.iou_types import get_iou_type
 
-        value = [value[iou_type][k] for k in stat_keys(iou_type)]
+        value = [value[iou_type][k] for k in get_iou_type(iou_type).stat_keys]
     return wall, cpu, np.asarray(value, dtype=np.float64)
 
 

@@ -11,11 +11,15 @@ small per-image match records (:mod:`pipeline.eval.records`) travel back and are
 the predictions (``PRED/eval/<iou_type>/part-XXXXX.npz``), so several runs' outputs -- or a
 resumed run -- merge without recomputing finished shards.
 
+What can be measured (``bbox``, ``segm``, ``keypoints``, ``proposals``) is the registry in
+:mod:`~pipeline.eval.iou_types`: one entry per type, with the fields it reads, its stat names and
+its IoU computation.
+
 Modules, in data-flow order: :mod:`~pipeline.eval.groundtruth` and
 :mod:`~pipeline.eval.detections` (inputs, validation) -> :mod:`~pipeline.eval.matching`
 (per-image ``evaluateImg``) -> :mod:`~pipeline.eval.records` -> :mod:`~pipeline.eval.evaluator`
 (reset/process/evaluate) -> :mod:`~pipeline.eval.accumulate` -> :mod:`~pipeline.eval.report`;
-:mod:`~pipeline.eval.driver` runs it all, :mod:`~pipeline.eval.export` writes COCO JSON.
+:mod:`~pipeline.eval.driver` runs it all; :mod:`pipeline.annotate.coco` writes COCO JSON (re-exported here).
 
 Example::
 
@@ -25,13 +29,14 @@ Example::
 
 import importlib
 
-# Names re-exported lazily (PEP 562): ``import pipeline.eval.params`` alone, as the CLI does for
+# Names re-exported lazily (PEP 562): ``import pipeline.eval.iou_types`` alone, as the CLI does for
 # ``--help``, must not load Ray and the matching code.
 _EXPORTS = {
     "evaluate": "pipeline.eval.driver",
     "COCOEvaluator": "pipeline.eval.evaluator",
-    "export_coco": "pipeline.eval.export",
-    "IOU_TYPES": "pipeline.eval.params",
+    "export_coco": "pipeline.annotate.coco",
+    "IOU_TYPES": "pipeline.eval.iou_types",
+    "get_iou_type": "pipeline.eval.iou_types",
     "EvalInputError": "pipeline.eval.params",
 }
 
@@ -42,4 +47,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "export_coco"]
+__all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "export_coco", "get_iou_type"]

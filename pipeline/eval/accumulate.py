@@ -25,13 +25,13 @@ import io
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.eval.params import coco_params
+from pipeline.eval.iou_types import CocoIoUType
 from pipeline.eval.records import MatchRecords
 
 
-def accumulate(records: MatchRecords, *, category_ids: np.ndarray, iou_type: str) -> dict:
+def accumulate(records: MatchRecords, *, category_ids: np.ndarray, iou_type: CocoIoUType) -> dict:
     """Precision [T,R,K,A,M], recall [T,K,A,M] and scores [T,R,K,A,M], as ``COCOeval.eval``."""
-    p = coco_params(iou_type)
+    p = iou_type.params()
     T, R, K, A, M = len(p.iouThrs), len(p.recThrs), len(category_ids), len(p.areaRng), len(p.maxDets)
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
@@ -103,10 +103,10 @@ def _first_at_least(counts: np.ndarray, need: np.ndarray) -> np.ndarray:
     return found.reshape(n, -1) - np.arange(n)[:, None] * width
 
 
-def summarize(eval_result: dict, *, iou_type: str) -> np.ndarray:
+def summarize(eval_result: dict, *, iou_type: CocoIoUType) -> np.ndarray:
     """pycocotools' ``COCOeval.summarize`` on an accumulated result: the 12 (10) stats."""
-    e = COCOeval(iouType=iou_type)
-    e.params = coco_params(iou_type)
+    e = COCOeval(iouType=iou_type.name)
+    e.params = iou_type.params()
     e.eval = eval_result
     with contextlib.redirect_stdout(io.StringIO()):
         e.summarize()

@@ -32,10 +32,9 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.eval.groundtruth import GroundTruth, int_id
+from pipeline.eval.iou_types import NUM_KEYPOINTS
 from pipeline.eval.params import EvalInputError
 from pipeline.eval.rle_check import check_counts
-
-NUM_KEYPOINTS = 17  # pycocotools' OKS sigmas are COCO's 17 person keypoints
 
 
 @dataclass

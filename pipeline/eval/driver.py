@@ -9,6 +9,10 @@ The data flow of :func:`evaluate`::
     PRED results JSON ──driver: loadRes semantics──> chunks of images ──> Ray tasks (not saved)
     GT images no prediction covers ──driver──> records (GT only: they count as misses)
     records ──COCOEvaluator.process (dedup by image id)──> evaluate() ──> metrics (+ files)
+    self-contained IoU types (proposals) ──their entry's evaluate()──> metrics
+
+The IoU types asked for are resolved once, to :mod:`~pipeline.eval.iou_types` entries, and
+``metrics.json`` is written once, here, for all of them.
 
 Only match records travel back from tasks (a few dozen bytes per detection). A shard's state is
 valid while the shard's bytes (sha256), the GT of its images, the categories and the evaluation
@@ -38,8 +42,9 @@ from pipeline.data.shards import DatasetError, join, list_shards, resolve
 from pipeline.eval.detections import Detections, read_prediction_table, results_to_detections
 from pipeline.eval.evaluator import COCOEvaluator
 from pipeline.eval.groundtruth import GroundTruth, load_ground_truth
+from pipeline.eval.iou_types import CocoIoUType, IoUType, get_iou_type, list_iou_types
 from pipeline.eval.matching import match_images
-from pipeline.eval.params import EvalInputError, check_iou_type, params_fingerprint
+from pipeline.eval.params import EvalInputError
 from pipeline.eval.records import MatchRecords, load_records, save_records
 from pipeline.eval.report import plot_pr_curves, write_metrics
 
@@ -48,9 +53,12 @@ log = logging.getLogger(__name__)
 STATE_DIR = "eval"
 TASK_NUM_CPUS = 0.9  # leaves Ray a sliver of CPU for anything else scheduled beside us
 JSON_CHUNK_MIN_IMAGES = 50
-RAY_AUTO_MIN_IMAGES = {"bbox": 100_000, "segm": 15_000, "keypoints": 15_000}
+RAY_AUTO_MIN_IMAGES = {
+    t.name: t.ray_min_images for t in map(get_iou_type, list_iou_types()) if t.per_image_matching
+}
 """With ``use_ray=None`` and no Ray running, start one only for at least this many images to match
-(the smallest entry among the IoU types still to compute); below it one process finishes first.
+(the smallest among the IoU types still to compute; each entry's ``ray_min_images``, shown here
+by name); below it one process finishes first.
 
 Where the threshold is, and why (measured 2026-12-01 on the 2-core machine, no GPU,
 ``bench/eval_speed.py`` set: 5,000 images, 92,721 detections, 80 categories): in-process
@@ -73,18 +81,18 @@ class Unit:
     source: str
     image_ids: np.ndarray
     shard_sha256: str | None = None  # shards only
-    state_paths: dict[str, str] = field(default_factory=dict)  # iou_type -> path (shards only)
-    keys: dict[str, dict] = field(default_factory=dict)  # iou_type -> {"key", fingerprints} (shards only)
+    state_paths: dict[CocoIoUType, str] = field(default_factory=dict)  # shards only
+    keys: dict[CocoIoUType, dict] = field(default_factory=dict)  # {"key", fingerprints} (shards only)
     detections: Detections | None = None  # results chunks only
     skipped: Counter = field(default_factory=Counter)
-    records: dict[str, MatchRecords] = field(default_factory=dict)
-    cached: set = field(default_factory=set)
+    records: dict[CocoIoUType, MatchRecords] = field(default_factory=dict)
+    cached: set = field(default_factory=set)  # IoU types whose records came from saved state
 
 
 def evaluate(
     pred_paths: list[str],
     gt: str,
-    iou_types: list[str],
+    iou_types: list[str | IoUType],
     out_dir: str | None = None,
     *,
     method: str = "vectorized",
@@ -99,8 +107,10 @@ def evaluate(
             results JSON files. Several may be given (e.g. the outputs of several runs); an image
             predicted in more than one is counted once (the first path wins).
         gt: a dataset with ``annotations`` or a COCO annotations JSON file.
-        iou_types: any of ``bbox``, ``segm``, ``keypoints``.
-        out_dir: if given, ``metrics.json`` and ``pr_<iou_type>.png`` are written there.
+        iou_types: names (or entries) of :mod:`~pipeline.eval.iou_types`: ``bbox``, ``segm``,
+            ``keypoints``, ``proposals`` (one prediction dataset only).
+        out_dir: if given, ``metrics.json`` (every type) and ``pr_<iou_type>.png`` (types matched
+            per image) are written there.
         method: per-image matching, ``vectorized`` or ``pycocotools`` (identical numbers).
         use_state: reuse and write per-shard state under ``PRED/eval/<iou_type>/``.
         use_ray: run matching as Ray tasks, one per shard. ``None`` (default): yes if Ray is
@@ -110,33 +120,67 @@ def evaluate(
             private local Ray is started, and stopped after, if none runs); ``False``: in this
             process. A single piece of work runs in-process either way.
 
-    Returns ``{iou_type: {"AP": ..., ..., "per_category": {name: AP}, "counts": {...}}}``.
+    Returns ``{iou_type: {"AP": ..., ..., "per_category": {name: AP}, "counts": {...}}}`` (each
+    type's stats are its entry's ``stat_keys``), in the order asked.
 
     Example::
 
         metrics = evaluate(["runs/detect"], "data/val", ["bbox"], "runs/detect/metrics")
         metrics["bbox"]["AP"]
     """
-    iou_types = list(dict.fromkeys(check_iou_type(t) for t in iou_types))
-    if not iou_types:
+    types = list(dict.fromkeys(get_iou_type(t) for t in iou_types))  # the one check of the names
+    if not types:
         raise EvalInputError("no IoU type requested")
     if not pred_paths:
         raise EvalInputError("no predictions given")
-    ground = load_ground_truth(gt, segm="segm" in iou_types, keypoints="keypoints" in iou_types)
+    for t in types:
+        if len(pred_paths) > 1 and not t.merges_predictions:
+            raise EvalInputError(f"--iou-type {t.name} takes one prediction dataset")
+    ground = load_ground_truth(gt, **_gt_flags(types))
     if len(ground.ann_id) == 0:  # pycocotools would print a table of -1: say why instead
         raise EvalInputError(
             f"ground truth {gt} has no annotations ({len(ground.image_ids)} images): there is nothing to evaluate against; "
             "--gt must be a labelled dataset (e.g. pipeline data import-coco) or a COCO annotations file"
         )
-    units = _plan_units(pred_paths, ground, iou_types, use_state=use_state)
+    matched = [t for t in types if t.per_image_matching]
+    results = {}
+    if matched:
+        results = _evaluate_matched(
+            pred_paths, ground, matched, out_dir,
+            method=method, use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus,
+        )
+    metrics = {t.name: results[t] if t.per_image_matching else t.evaluate(pred_paths, ground) for t in types}
+    if out_dir:
+        write_metrics(metrics, join(out_dir, "metrics.json"))
+    return metrics
+
+
+def _gt_flags(types: list[IoUType]) -> dict[str, bool]:
+    """The optional ground-truth fields ``types`` read, as :func:`load_ground_truth` takes them."""
+    fields = {f for t in types for f in t.gt_fields}
+    return {"segm": "segm" in fields, "keypoints": "keypoints" in fields}
+
+
+def _det_flags(types: list[IoUType]) -> dict[str, bool]:
+    """The optional detection fields ``types`` read, as the prediction readers take them."""
+    fields = {f for t in types for f in t.det_fields}
+    return {"masks": "segm" in fields, "keypoints": "keypoints" in fields}
+
+
+def _evaluate_matched(
+    pred_paths: list[str], ground: GroundTruth, types: list[CocoIoUType], out_dir: str | None,
+    *, method: str, use_state: bool, use_ray: bool | None, task_num_cpus: float,
+) -> dict[CocoIoUType, dict]:
+    """The COCO-style types, matched per image over every shard at once; plots their PR curves."""
+    units = _plan_units(pred_paths, ground, types, use_state=use_state)
     _claim_images(units)
-    pending = [u for u in units if len(u.image_ids) and any(t not in u.records for t in iou_types)]
+    pending = [u for u in units if len(u.image_ids) and any(t not in u.records for t in types)]
     ray_tasks = _run_units(
-        pending, ground, iou_types, method=method, use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus
+        pending, ground, types, method=method, use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus
     )
 
     metrics = {}
-    for iou_type in iou_types:
+    for iou_type in types:
         evaluator = COCOEvaluator(iou_type=iou_type, categories=ground.categories)
         for unit in units:
             if iou_type in unit.records:
@@ -153,9 +197,7 @@ def evaluate(
             "counts": _counts(units, ground, iou_type, evaluator, result, uncovered) | {"ray_tasks": ray_tasks},
         }
         if out_dir:
-            plot_pr_curves(result["eval"], iou_type=iou_type, path=join(out_dir, f"pr_{iou_type}.png"))
-    if out_dir:
-        write_metrics(metrics, join(out_dir, "metrics.json"))
+            plot_pr_curves(result["eval"], iou_type=iou_type.name, path=join(out_dir, f"pr_{iou_type.name}.png"))
     return metrics
 
 
@@ -166,9 +208,9 @@ def _is_results_file(path: str) -> bool:
     return path.endswith(".json") and "://" not in path and os.path.isfile(path)
 
 
-def _plan_units(pred_paths: list[str], ground: GroundTruth, iou_types: list[str], *, use_state: bool) -> list[Unit]:
+def _plan_units(pred_paths: list[str], ground: GroundTruth, iou_types: list[CocoIoUType], *, use_state: bool) -> list[Unit]:
     units: list[Unit] = []
-    params = {t: params_fingerprint(t) for t in iou_types}
+    params = {t: t.params_fingerprint() for t in iou_types}
     for path in pred_paths:
         if _is_results_file(path):
             units += _results_units(path, ground, iou_types)
@@ -192,7 +234,7 @@ def _plan_units(pred_paths: list[str], ground: GroundTruth, iou_types: list[str]
             root = posixpath.dirname(shard) if "://" not in shard else shard.rsplit("/", 1)[0]
             stem = posixpath.basename(shard).rsplit(".", 1)[0]
             for t in iou_types:
-                unit.state_paths[t] = join(join(join(root, STATE_DIR), t), f"{stem}.npz")
+                unit.state_paths[t] = join(join(join(root, STATE_DIR), t.name), f"{stem}.npz")
                 gt_fp = subset.fingerprint(t)
                 unit.keys[t] = {
                     "key": hashlib.sha256(f"{unit.shard_sha256}:{gt_fp}:{params[t]}".encode()).hexdigest()[:32],
@@ -219,15 +261,13 @@ def _read_bytes(path: str) -> bytes:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
 
 
-def _results_units(path: str, ground: GroundTruth, iou_types: list[str]) -> list[Unit]:
+def _results_units(path: str, ground: GroundTruth, iou_types: list[CocoIoUType]) -> list[Unit]:
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EvalInputError(f"cannot read COCO results file {path}: {exc}") from exc
-    dets, skipped = results_to_detections(
-        results, gt=ground, source=path, masks="segm" in iou_types, keypoints="keypoints" in iou_types
-    )
+    dets, skipped = results_to_detections(results, gt=ground, source=path, **_det_flags(iou_types))
     ids = np.unique(dets.image_id)
     n_chunks = max(1, min(2 * (os.cpu_count() or 1), math.ceil(len(ids) / JSON_CHUNK_MIN_IMAGES)))
     units = []
@@ -254,8 +294,8 @@ def _claim_images(units: list[Unit]) -> None:
 
 
 def match_unit(
-    unit: Unit, gt: GroundTruth, iou_types: list[str], *, method: str, use_state: bool
-) -> tuple[dict[str, MatchRecords], Counter, list[str]]:
+    unit: Unit, gt: GroundTruth, iou_types: list[CocoIoUType], *, method: str, use_state: bool
+) -> tuple[dict[CocoIoUType, MatchRecords], Counter, list[str]]:
     """The work of one task: read + validate the shard (or take the chunk), match, save state."""
     warnings: list[str] = []
     if unit.detections is not None:
@@ -269,15 +309,14 @@ def match_unit(
             source=unit.source,
             gt=gt,
             category_ids=set(gt.category_ids.tolist()),
-            masks="segm" in iou_types,
-            keypoints="keypoints" in iou_types,
+            **_det_flags(iou_types),
         )
         dets, image_ids, skipped = shard.detections, shard.image_ids, shard.skipped
     records = {}
     for t in iou_types:
         records[t] = match_images(gt, dets, image_ids=image_ids, iou_type=t, method=method)
         if use_state and t in unit.state_paths:
-            meta = {**unit.keys[t], "shard": unit.source, "iou_type": t, "skipped": dict(skipped)}
+            meta = {**unit.keys[t], "shard": unit.source, "iou_type": t.name, "skipped": dict(skipped)}
             try:
                 save_records(unit.state_paths[t], records[t], meta)
             except OSError as exc:
@@ -300,7 +339,7 @@ def _run_units(pending, ground, iou_types, *, method, use_state, use_ray, task_n
         ray = sys.modules.get("ray")
         running = ray is not None and ray.is_initialized()
         todo_types = {t for _, todo, _ in jobs for t in todo}
-        threshold = min(RAY_AUTO_MIN_IMAGES[t] for t in todo_types)
+        threshold = min(t.ray_min_images for t in todo_types)
         use_ray = running or sum(len(u.image_ids) for u in pending) >= threshold
     in_process = not use_ray or len(jobs) == 1
     if in_process:

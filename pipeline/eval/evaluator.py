@@ -19,16 +19,20 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.eval.accumulate import accumulate, per_category_ap, summarize
-from pipeline.eval.params import coco_params, stat_keys
+from pipeline.eval.iou_types import CocoIoUType, get_iou_type
+from pipeline.eval.params import EvalInputError
 from pipeline.eval.records import MatchRecords
 
 
 class COCOEvaluator:
-    def __init__(self, *, iou_type: str, categories: list[dict]):
-        self.iou_type = iou_type
+    def __init__(self, *, iou_type: str | CocoIoUType, categories: list[dict]):
+        """``iou_type``: a name (checked here) or a :mod:`~pipeline.eval.iou_types` entry."""
+        self.iou_type = get_iou_type(iou_type)
+        if not self.iou_type.per_image_matching:
+            raise EvalInputError(f"{self.iou_type.name} is not matched per image; evaluate() measures it")
         self.categories = sorted(categories, key=lambda c: int(c["id"]))
         self.category_ids = np.array([int(c["id"]) for c in self.categories], dtype=np.int64)
-        self.num_areas = len(coco_params(iou_type).areaRng)
+        self.num_areas = len(self.iou_type.params().areaRng)
         self.reset()
 
     def reset(self) -> None:
@@ -63,7 +67,7 @@ class COCOEvaluator:
         stats = summarize(result, iou_type=self.iou_type)
         ap = per_category_ap(result)
         return {
-            "stats": {k: float(v) for k, v in zip(stat_keys(self.iou_type), stats)},
+            "stats": {k: float(v) for k, v in zip(self.iou_type.stat_keys, stats)},
             "per_category": {int(c): float(v) for c, v in zip(self.category_ids, ap)},
             "eval": result,
             "detections": records.num_detections,

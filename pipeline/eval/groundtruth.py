@@ -13,7 +13,8 @@ Semantics follow ``COCO`` + ``COCOeval._prepare`` with ``useCats=1``:
   (error rows) and images with no annotation;
 * annotations whose category is not among the dataset's categories are left out (pycocotools
   never loads them); their number is reported as ``gt_annotations_unknown_category``;
-* ``ignore`` is ``iscrowd`` (for keypoints also ``num_keypoints == 0``).
+* ``ignore`` is ``iscrowd``; an IoU type may add to it (keypoints: ``num_keypoints == 0``;
+  :meth:`~pipeline.eval.iou_types.CocoIoUType.gt_ignored`).
 """
 
 from __future__ import annotations
@@ -98,22 +99,26 @@ class GroundTruth:
             source=self.source,
         )
 
-    def fingerprint(self, iou_type: str) -> str:
-        """Content hash of everything ``iou_type`` evaluation reads (ids, sizes, categories,
-        annotation fields and their order); a change anywhere else keeps saved state valid."""
-        h = hashlib.sha256(iou_type.encode())
+    def fingerprint(self, iou_type) -> str:
+        """Content hash of everything ``iou_type`` evaluation reads (ids, sizes, categories, the
+        entry's ``gt_fields`` and the annotations' order); a change anywhere else keeps saved state
+        valid. ``iou_type``: a :mod:`~pipeline.eval.iou_types` entry."""
+        h = hashlib.sha256(iou_type.name.encode())
         h.update(self.category_ids.tobytes())
         for arr in (self.image_ids, self.heights, self.widths, self.ann_image, self.ann_category, self.ann_id,
                     self.ann_iscrowd):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         h.update(np.ascontiguousarray(self.ann_area, dtype=np.float64).tobytes())
-        if iou_type in ("bbox", "keypoints"):
-            h.update(np.ascontiguousarray(self.ann_bbox, dtype=np.float64).tobytes())
-        if iou_type == "segm":
-            h.update(json.dumps(self.ann_segm, separators=(",", ":")).encode())
-        if iou_type == "keypoints":
-            h.update(np.ascontiguousarray(self.ann_num_keypoints, dtype=np.int64).tobytes())
-            h.update(json.dumps(self.ann_keypoints, separators=(",", ":")).encode())
+        for part in iou_type.gt_fields:  # in the entry's order: state saved before the registry stays valid
+            if part == "bbox":
+                h.update(np.ascontiguousarray(self.ann_bbox, dtype=np.float64).tobytes())
+            elif part == "segm":
+                h.update(json.dumps(self.ann_segm, separators=(",", ":")).encode())
+            elif part == "keypoints":
+                h.update(np.ascontiguousarray(self.ann_num_keypoints, dtype=np.int64).tobytes())
+                h.update(json.dumps(self.ann_keypoints, separators=(",", ":")).encode())
+            else:
+                raise ValueError(f"unknown ground-truth field {part!r}")
         return h.hexdigest()[:16]
 
     def to_coco_dict(self) -> dict:

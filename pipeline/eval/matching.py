@@ -5,21 +5,24 @@
 shard. Two methods give identical records (the tests hold them to it):
 
 ``"pycocotools"``
-    calls ``COCOeval.computeIoU`` / ``computeOks`` / ``evaluateImg`` themselves, per (image,
-    category, area range), on a stand-in object that holds only this shard's data. Exact by
-    construction, but ``evaluateImg``'s threshold x detection x GT Python loop is slow.
+    calls ``COCOeval.computeIoU`` / ``computeOks`` (the IoU type's ``reference_ious``) and
+    ``evaluateImg`` themselves, per (image, category, area range), on a stand-in object that holds
+    only this shard's data. Exact by construction, but ``evaluateImg``'s threshold x detection x
+    GT Python loop is slow.
 ``"vectorized"`` (default)
     the same greedy assignment, run in lock step over many (image, category) groups at once with
-    numpy. IoUs still come from pycocotools (``mask.iou`` / ``computeOks``) so they are the same
-    floats. For one detection ``d`` at threshold ``t``, ``evaluateImg`` scans the GT (non-ignored
-    first, each block in source order) and keeps the *last* GT whose IoU is >= the best so far
-    (starting at ``min(t, 1 - 1e-10)``), skipping non-crowd GT already taken, and stops at the
-    ignored block once it holds a non-ignored match. Equivalently: among available GT with IoU
-    >= t, take the last maximum of the non-ignored ones if there is any, else the last maximum of
-    the ignored ones. A match to a GT whose id is 0 counts as unmatched for ``accumulate`` (it
-    stores the GT id as the match), as in pycocotools.
+    numpy. IoUs come from the IoU type's entry (:mod:`~pipeline.eval.iou_types`): pycocotools'
+    ``mask.iou`` / ``computeOks`` per group, or for bbox the same floats for many groups at once.
+    For one detection ``d`` at threshold ``t``, ``evaluateImg`` scans the GT (non-ignored first,
+    each block in source order) and keeps the *last* GT whose IoU is >= the best so far (starting
+    at ``min(t, 1 - 1e-10)``), skipping non-crowd GT already taken, and stops at the ignored block
+    once it holds a non-ignored match. Equivalently: among available GT with IoU >= t, take the
+    last maximum of the non-ignored ones if there is any, else the last maximum of the ignored
+    ones. A match to a GT whose id is 0 counts as unmatched for ``accumulate`` (it stores the GT
+    id as the match), as in pycocotools.
 
-Boxes are COCO **xywh** here (``GroundTruth.ann_bbox``, ``Detections.bbox``).
+Boxes are COCO **xywh** here (``GroundTruth.ann_bbox``, ``Detections.bbox``). Nothing here names
+an IoU type: what differs between types is a property or method of its entry.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.eval.detections import NUM_KEYPOINTS, Detections
+from pipeline.eval.detections import Detections
 from pipeline.eval.groundtruth import GroundTruth
-from pipeline.eval.params import EvalInputError, coco_params
+from pipeline.eval.iou_types import NUM_KEYPOINTS, CocoIoUType
+from pipeline.eval.params import EvalInputError
 from pipeline.eval.records import MatchRecords
 
 METHODS = ("vectorized", "pycocotools")
@@ -40,18 +44,18 @@ CHUNK_ELEMENTS = 1 << 20  # groups x max(max detections, thresholds x areas) x m
 
 
 def match_images(
-    gt: GroundTruth, dets: Detections, *, image_ids, iou_type: str, method: str = "vectorized"
+    gt: GroundTruth, dets: Detections, *, image_ids, iou_type: CocoIoUType, method: str = "vectorized"
 ) -> MatchRecords:
-    """Match ``dets`` to ``gt`` on ``image_ids`` (GT images) for ``iou_type``; see the module doc."""
+    """Match ``dets`` to ``gt`` on ``image_ids`` (GT images) for ``iou_type`` (a registry entry,
+    :func:`~pipeline.eval.iou_types.get_iou_type`); see the module doc."""
     if method not in METHODS:
         raise ValueError(f"unknown matching method {method!r}; choose from {', '.join(METHODS)}")
-    p = coco_params(iou_type)
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
-    groups = _Groups(gt, dets, image_ids, p)
+    groups = _Groups(gt, dets, image_ids, iou_type)
     if method == "pycocotools":
-        det_rows = _match_reference(groups, p)
+        det_rows = _match_reference(groups, groups.p)
     else:
-        det_rows = _match_vectorized(groups, p)
+        det_rows = _match_vectorized(groups, groups.p)
     return MatchRecords(image_ids=image_ids, **det_rows, **groups.gt_rows())
 
 
@@ -60,10 +64,13 @@ class _Groups:
 
     Detections are sorted by (image, category, -score, source order) -- the order ``evaluateImg``
     sees after its stable sort -- and cut to ``maxDets[-1]`` per group; GT keeps source order.
+    The IoU type's entry computes IoUs from the accessors below (``gt_bbox``, ``gt_rle``, ``crowd``,
+    ``gt_dicts``, ``dt_dicts``...).
     """
 
-    def __init__(self, gt: GroundTruth, dets: Detections, image_ids: np.ndarray, p):
-        self.gt, self.p, self.iou_type = gt, p, p.iouType
+    def __init__(self, gt: GroundTruth, dets: Detections, image_ids: np.ndarray, iou_type: CocoIoUType):
+        self.gt, self.iou_type = gt, iou_type
+        self.p = p = iou_type.params()
         self.cat_ids = gt.category_ids
         self.image_ids = image_ids
         K = max(len(self.cat_ids), 1)
@@ -74,11 +81,9 @@ class _Groups:
         gkey = np.searchsorted(image_ids, gt.ann_image[g]) * K + np.searchsorted(self.cat_ids, gt.ann_category[g])
         order = np.lexsort((np.arange(len(g)), gkey))
         self.g_idx, self.g_key = g[order], gkey[order]
-        ignore = gt.ann_iscrowd[self.g_idx] != 0
-        if self.iou_type == "keypoints":
-            ignore |= gt.ann_num_keypoints[self.g_idx] == 0
+        self.g_ignore = iou_type.gt_ignored(gt, self.g_idx)  # (G,): gt["ignore"]
         ga = gt.ann_area[self.g_idx][:, None]
-        self.g_out = ignore[:, None] | (ga < area[:, 0]) | (ga > area[:, 1])  # (G, A): _ignore per area
+        self.g_out = self.g_ignore[:, None] | (ga < area[:, 0]) | (ga > area[:, 1])  # (G, A): _ignore per area
         self.g_height, self.g_width = gt.image_size(gt.ann_image[self.g_idx])
 
         # detections of these images and known categories, in evaluateImg's order
@@ -122,65 +127,53 @@ class _Groups:
     # --- pycocotools-shaped views of one group --------------------------------------------------
 
     def gt_dicts(self, start: int, count: int) -> list[dict]:
-        gt, out = self.gt, []
+        """GT ``start:start+count`` (group order) as ``COCOeval._gts`` holds them: the common keys and
+        the IoU type's ``gt_fields``."""
+        gt, fields, out = self.gt, self.iou_type.gt_fields, []
         for j in range(start, start + count):
             i = self.g_idx[j]
             ann = {
                 "id": int(gt.ann_id[i]),
                 "area": float(gt.ann_area[i]),
                 "iscrowd": int(gt.ann_iscrowd[i]),
-                "ignore": bool(gt.ann_iscrowd[i] != 0) or (self.iou_type == "keypoints" and gt.ann_num_keypoints[i] == 0),
+                "ignore": bool(self.g_ignore[j]),
                 "num_keypoints": int(gt.ann_num_keypoints[i]),
             }
-            if self.iou_type in ("bbox", "keypoints"):
-                ann["bbox"] = self._gt_bbox(i)
-            if self.iou_type == "segm":
-                ann["segmentation"] = self._gt_rle(j)
-            if self.iou_type == "keypoints":
-                ann["keypoints"] = self._gt_keypoints(i)
+            for field in fields:
+                ann[_COCO_KEY[field]] = _GT_FIELD[field](self, j)
             out.append(ann)
         return out
 
     def dt_dicts(self, start: int, count: int) -> list[dict]:
-        dets, out = self.dets, []
+        """Detections ``start:start+count`` (group order) as ``COCOeval._dts`` holds them."""
+        dets, fields, out = self.dets, self.iou_type.det_fields, []
         for j in range(start, start + count):
             i = self.d_idx[j]
             det = {"id": j - start + 1, "score": float(dets.score[i]), "area": float(dets.area[i])}
-            if self.iou_type == "bbox":
-                det["bbox"] = dets.bbox[i].tolist()
-            elif self.iou_type == "segm":
-                det["segmentation"] = dets.segm[i]
-            else:
-                det["keypoints"] = dets.keypoints[i]
+            for field in fields:
+                det[_COCO_KEY[field]] = _DT_FIELD[field](dets, i)
             out.append(det)
         return out
 
     def ious(self, key: int, ds: int, dn: int, gs: int, gn: int) -> np.ndarray:
-        """IoU / OKS matrix (dn x gn) with pycocotools' own functions."""
-        crowd = [int(c) for c in self.gt.ann_iscrowd[self.g_idx[gs : gs + gn]]]
-        if self.iou_type == "bbox":
-            d = np.ascontiguousarray(self.dets.bbox[self.d_idx[ds : ds + dn]])
-            g = np.ascontiguousarray([self._gt_bbox(i) for i in self.g_idx[gs : gs + gn]], dtype=np.float64)
-            return np.asarray(mask_utils.iou(d, g, crowd)).reshape(dn, gn)
-        if self.iou_type == "segm":
-            d = [self.dets.segm[i] for i in self.d_idx[ds : ds + dn]]
-            g = [self._gt_rle(j) for j in range(gs, gs + gn)]
-            return np.asarray(mask_utils.iou(d, g, crowd)).reshape(dn, gn)
-        shim = SimpleNamespace(
-            params=self.p, _gts={(key, 0): self.gt_dicts(gs, gn)}, _dts={(key, 0): self.dt_dicts(ds, dn)}
-        )
-        return np.asarray(COCOeval.computeOks(shim, key, 0)).reshape(dn, gn)
+        """IoU / OKS matrix (dn x gn) of one group, with pycocotools' own functions."""
+        return self.iou_type.group_ious(self, key, ds, dn, gs, gn)
+
+    def crowd(self, gs: int, gn: int) -> list[int]:
+        """``iscrowd`` of GT ``gs:gs+gn`` (group order), as ``mask.iou`` takes it."""
+        return [int(c) for c in self.gt.ann_iscrowd[self.g_idx[gs : gs + gn]]]
 
     def _where(self, i: int) -> str:
         return f"{self.gt.source}: annotation id {int(self.gt.ann_id[i])} (image_id {int(self.gt.ann_image[i])})"
 
-    def _gt_bbox(self, i: int) -> list[float]:
+    def gt_bbox(self, i: int) -> list[float]:
+        """Annotation ``i``'s box (xywh); an error naming it when it has none."""
         box = self.gt.ann_bbox[i]
         if np.isnan(box).any():
-            raise EvalInputError(f"{self._where(i)}: no bbox, which {self.iou_type} evaluation needs")
+            raise EvalInputError(f"{self._where(i)}: no bbox, which {self.iou_type.name} evaluation needs")
         return box.tolist()
 
-    def _gt_keypoints(self, i: int) -> list[float]:
+    def gt_keypoints(self, i: int) -> list[float]:
         if self.gt.ann_keypoints is None:
             raise ValueError("ground truth was loaded without keypoints (load_ground_truth(keypoints=True))")
         kps = self.gt.ann_keypoints[i]
@@ -190,7 +183,7 @@ class _Groups:
             raise EvalInputError(f"{self._where(i)}: {len(kps)} keypoint values, expected {3 * NUM_KEYPOINTS}")
         return kps
 
-    def _gt_rle(self, j: int) -> dict:
+    def gt_rle(self, j: int) -> dict:
         """``COCO.annToRLE`` of the ``j``-th GT in group order: polygons merged into one RLE."""
         i = self.g_idx[j]
         if self.gt.ann_segm is None:
@@ -214,6 +207,20 @@ def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return z, z, z
     starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
     return keys[starts], starts, np.diff(np.append(starts, len(keys)))
+
+
+# the per-object fields an IoU type names (gt_fields / det_fields): pycocotools' key, and how to read one
+_COCO_KEY = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
+_GT_FIELD = {  # by row j of the group order
+    "bbox": lambda groups, j: groups.gt_bbox(groups.g_idx[j]),
+    "segm": lambda groups, j: groups.gt_rle(j),
+    "keypoints": lambda groups, j: groups.gt_keypoints(groups.g_idx[j]),
+}
+_DT_FIELD = {
+    "bbox": lambda dets, i: dets.bbox[i].tolist(),
+    "segm": lambda dets, i: dets.segm[i],
+    "keypoints": lambda dets, i: dets.keypoints[i],
+}
 
 
 def _det_rows(groups: _Groups, matched: np.ndarray, ignored: np.ndarray) -> dict:
@@ -259,30 +266,6 @@ def _match_vectorized(groups: _Groups, p) -> dict:
     return _det_rows(groups, matched, ignored)
 
 
-def _bbox_ious(groups: _Groups, d_rows: np.ndarray, g_rows: np.ndarray, g_ok: np.ndarray,
-               crowd: np.ndarray) -> np.ndarray:
-    """pycocotools' ``bbIou`` (maskApi.c) for a batch of groups at once: (n, dmax, gp) IoUs.
-
-    ``d_rows`` (n, dmax) / ``g_rows`` (n, gp) index the group-ordered detections / GT (``g_ok``:
-    not padding); the same double operations in the same order as the C loop, so the very same
-    floats (x86-64 wheels are built without FMA contraction; the tests compare against it).
-    """
-    D = groups.dets.bbox[groups.d_idx[d_rows]]
-    G = groups.gt.ann_bbox[groups.g_idx[g_rows]]
-    bad = np.isnan(G).any(-1) & g_ok
-    if bad.any():
-        groups._gt_bbox(groups.g_idx[g_rows[bad][0]])  # raises, naming the annotation
-    dx, dy, dw, dh = (D[:, :, None, k] for k in range(4))
-    gx, gy, gw, gh = (G[:, None, :, k] for k in range(4))
-    da, ga = dw * dh, gw * gh
-    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
-    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
-    i = w * h
-    u = np.where(crowd[:, None, :], da, da + ga - i)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((w > 0) & (h > 0), i / u, 0.0)
-
-
 def _lockstep(groups: _Groups, keys, ds, dn, gs, gn, gp: int, dmax: int, thr: np.ndarray):
     """Greedy matching of a chunk of groups in lock step over detection rank.
 
@@ -304,12 +287,7 @@ def _lockstep(groups: _Groups, keys, ds, dn, gs, gn, gp: int, dmax: int, thr: np
     crowd = (groups.gt.ann_iscrowd[groups.g_idx[g_rows]] != 0) & g_ok
     nonzero_id = groups.gt.ann_id[groups.g_idx[g_rows]] != 0
     gt_ig = np.transpose(groups.g_out[g_rows], (0, 2, 1)) | ~g_ok[:, None, :]  # (n, A, gp)
-    if groups.iou_type == "bbox":
-        iou = _bbox_ious(groups, d_rows, g_rows, g_ok, crowd)
-    else:
-        iou = np.zeros((n, dmax, gp))
-        for c, (key, s, m, t, k) in enumerate(zip(keys.tolist(), ds.tolist(), dn.tolist(), gs.tolist(), gn.tolist())):
-            iou[c, :m, :k] = groups.ious(key, s, m, t, k)
+    iou = groups.iou_type.batch_ious(groups, keys, ds, dn, gs, gn, d_rows, g_rows, g_ok, crowd)
     iou = np.where(d_ok[:, :, None] & g_ok[:, None, :], iou, -np.inf)
 
     # only detections with some candidate at the lowest threshold can match; pack them per group
@@ -371,10 +349,7 @@ def _match_reference(groups: _Groups, p) -> dict:
         # evaluateImg re-sorts by score (stably) and cuts to maxDet: hand it the kept ones in order
         shim._dts[key, 0] = groups.dt_dicts(ds, dn)
         shim._gts[key, 0] = groups.gt_dicts(gs, gn)
-        if p.iouType == "keypoints":
-            shim.ious[key, 0] = COCOeval.computeOks(shim, key, 0)
-        else:
-            shim.ious[key, 0] = COCOeval.computeIoU(shim, key, 0)
+        shim.ious[key, 0] = groups.iou_type.reference_ious(shim, key)
         for a, area_range in enumerate(p.areaRng):
             e = COCOeval.evaluateImg(shim, key, 0, area_range, p.maxDets[-1])
             rows = ds + np.arange(len(e["dtScores"]))

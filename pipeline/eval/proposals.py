@@ -1,11 +1,13 @@
-"""Proposal quality as COCO-style recall: AR@100, AR@300, AR@1000, and AR by object size @1000.
+"""Proposal quality as COCO-style recall: the computation behind the ``proposals`` IoU type.
 
 Proposals are class-agnostic, so this is pycocotools' ``COCOeval`` on boxes with
-``useCats = 0`` and ``maxDets = [100, 300, 1000]`` -- the protocol of Detectron's and
-torchvision's RPN recall reports. Each proposal (``proposals`` column, **xyxy**) is a detection
-scored by ``proposal_scores`` (RPN objectness, or selective search's rank score). It runs in one
-process through pycocotools itself: recall needs no per-category merging, and a proposal set is
-evaluated once per method, not per run.
+``useCats = 0`` and the entry's ``maxDets`` (``[100, 300, 1000]``) -- the protocol of
+Detectron's and torchvision's RPN recall reports. Each proposal (``proposals`` column, **xyxy**)
+is a detection scored by ``proposal_scores`` (RPN objectness, or selective search's rank score).
+It runs in one process through pycocotools itself: recall needs no per-category merging, and a
+proposal set is evaluated once per method, not per run. Names and ``metrics.json`` keys are the
+entry's (:class:`pipeline.eval.iou_types.ProposalRecall`); reach it through
+``evaluate([pred], gt, ["proposals"])``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline import schema
 from pipeline.data.shards import list_shards, read_shard, shard_schema
-from pipeline.eval.groundtruth import load_ground_truth
+from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
 
-MAX_DETS = [100, 300, 1000]
-KEYS = ["AR@100", "AR@300", "AR@1000", "ARs@1000", "ARm@1000", "ARl@1000"]
 
+def class_agnostic_recall(
+    pred_path: str, ground: GroundTruth, *, max_dets: list[int], column: str = schema.PROPOSALS
+) -> tuple[np.ndarray, dict]:
+    """(AR at each of the three ``max_dets``, then AR of small/medium/large objects at the last;
+    counts), as pycocotools' ``summarize`` reports them.
 
-def evaluate_proposals(pred_path: str, gt: str, *, column: str = schema.PROPOSALS) -> dict:
-    """``{"AR@100": ..., "AR@300": ..., "AR@1000": ..., "ARs@1000": ..., ..., "counts": {...}}``."""
-    ground = load_ground_truth(gt, segm=False, keypoints=False)
+    Proposals with a non-finite or negative-size box are skipped and counted; a row's proposals
+    without a score column are taken best first.
+    """
+    if len(max_dets) != 3:
+        raise ValueError(f"pycocotools summarises exactly three maxDets, got {max_dets}")
     score_column = schema.PROPOSAL_SCORES if column == schema.PROPOSALS else schema.SCORES
     results, images, skipped = [], set(), 0
     for shard in list_shards(pred_path):
@@ -39,7 +46,7 @@ def evaluate_proposals(pred_path: str, gt: str, *, column: str = schema.PROPOSAL
         for row in table.to_pylist():
             image_id = row[schema.IMAGE_ID]
             if not ground.has_images(np.array([image_id]))[0]:
-                raise EvalInputError(f"{shard}: image_id {image_id} is not in the ground truth {gt}")
+                raise EvalInputError(f"{shard}: image_id {image_id} is not in the ground truth {ground.source}")
             images.add(image_id)
             boxes = np.asarray(row[column] or [], np.float64).reshape(-1, 4)
             scores = row.get(score_column) or [1.0 - i / max(1, len(boxes)) for i in range(len(boxes))]
@@ -55,18 +62,17 @@ def evaluate_proposals(pred_path: str, gt: str, *, column: str = schema.PROPOSAL
         coco_dt = coco_gt.loadRes(results) if results else COCO()
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.params.useCats = 0
-        evaluator.params.maxDets = MAX_DETS
+        evaluator.params.maxDets = list(max_dets)
         evaluator.params.imgIds = sorted(int(i) for i in ground.image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = evaluator.stats[6:12]  # AR at maxDets[0..2], then AR by area at maxDets[2]
-    out = {key: float(v) for key, v in zip(KEYS, stats)}
-    out["counts"] = {"images": len(ground.image_ids), "images_with_proposals": len(images), "proposals": len(results), "skipped": skipped}
-    return out
+    stats = np.asarray(evaluator.stats[6:12], np.float64)  # AR at maxDets[0..2], then AR by area at maxDets[2]
+    counts = {"images": len(ground.image_ids), "images_with_proposals": len(images), "proposals": len(results), "skipped": skipped}
+    return stats, counts
 
 
-def _coco_dict(ground) -> dict:
+def _coco_dict(ground: GroundTruth) -> dict:
     """Our column-wise ground truth -> a COCO dataset dict (boxes only, one class-agnostic category)."""
     images = [{"id": int(i), "height": int(h), "width": int(w)} for i, h, w in zip(ground.image_ids, ground.heights, ground.widths)]
     annotations = [

@@ -1,13 +1,16 @@
 """What ``pipeline eval`` writes and prints.
 
-Files (in ``--out``):
+Files (in ``--out``), written by :func:`~pipeline.eval.driver.evaluate` only:
 
-* ``metrics.json``: ``{iou_type: {"AP": .., "AP50": .., ..., "per_category": {name: AP},
-  "counts": {...}}}`` -- the 12 COCO stats for bbox/segm (AP, AP50, AP75, APs, APm, APl, AR1,
-  AR10, AR100, ARs, ARm, ARl), 10 for keypoints (AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm,
-  ARl); -1 wherever pycocotools gives -1 (no GT in that area range / category).
-* ``pr_<iou_type>.png``: precision/recall curves (area "all", largest maxDets) at IoU 0.50, 0.75
-  and averaged over 0.50:0.95, each averaged over the categories that have ground truth.
+* ``metrics.json``: ``{iou_type: {stat: value, ..., "counts": {...}}}``, the stats of each type
+  being its entry's ``stat_keys`` (:mod:`~pipeline.eval.iou_types`): the 12 COCO stats for
+  bbox/segm (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) and 10 for keypoints
+  (AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl), each followed by ``"per_category": {name:
+  AP}``; AR@100, AR@300, AR@1000, ARs@1000, ARm@1000, ARl@1000 for proposals. -1 wherever
+  pycocotools gives -1 (no GT in that area range / category).
+* ``pr_<iou_type>.png`` (types matched per image): precision/recall curves (area "all", largest
+  maxDets) at IoU 0.50, 0.75 and averaged over 0.50:0.95, each averaged over the categories that
+  have ground truth.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import posixpath
 import numpy as np
 
 from pipeline.data.shards import resolve
-from pipeline.eval.params import stat_keys
+from pipeline.eval.iou_types import IoUType
 
 
 def write_metrics(metrics: dict, path: str) -> None:
@@ -64,23 +67,19 @@ def plot_pr_curves(eval_result: dict, *, iou_type: str, path: str) -> None:
     _write_bytes(path, buf.getvalue())
 
 
-STAT_LABELS = {
-    "AP": "IoU=0.50:0.95 area=all", "AP50": "IoU=0.50 area=all", "AP75": "IoU=0.75 area=all",
-    "APs": "area=small", "APm": "area=medium", "APl": "area=large",
-    "AR1": "maxDets=1", "AR10": "maxDets=10", "AR100": "maxDets=100",
-    "AR": "IoU=0.50:0.95 area=all", "AR50": "IoU=0.50", "AR75": "IoU=0.75",
-    "ARs": "area=small", "ARm": "area=medium", "ARl": "area=large",
-}
-
-
-def summary_rows(iou_type: str, metrics: dict) -> list[tuple]:
-    """(stat, what it averages, value) in pycocotools' order; 3 decimals, -1 kept."""
-    return [(k, STAT_LABELS.get(k, ""), _fmt(metrics[k])) for k in stat_keys(iou_type)]
+def summary_table(iou_type: IoUType, metrics: dict) -> tuple[tuple, list[tuple]]:
+    """(header, rows) of one type's stats in its order: (stat, what it averages, value) where the
+    type labels its stats, else (stat, value); 3 decimals, -1 kept."""
+    labels = iou_type.stat_labels
+    if labels is None:
+        return ("metric", "value"), [(k, _fmt(metrics[k])) for k in iou_type.stat_keys]
+    return ("metric", "setting", "value"), [(k, labels[k], _fmt(metrics[k])) for k in iou_type.stat_keys]
 
 
 def per_category_rows(metrics: dict) -> tuple[tuple, list[tuple]]:
-    types = list(metrics)
-    names = list(next(iter(metrics.values()))["per_category"]) if metrics else []
+    """(header, rows): AP per category, one column per type that has them."""
+    types = [t for t, m in metrics.items() if "per_category" in m]
+    names = list(metrics[types[0]]["per_category"]) if types else []
     return ("category", *(f"AP {t}" for t in types)), [
         (name, *(_fmt(metrics[t]["per_category"][name]) for t in types)) for name in names
     ]

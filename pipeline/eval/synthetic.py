@@ -20,8 +20,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.shards import SHARD_PATTERN, DatasetMeta, join, write_meta, write_shard
-
-NUM_KEYPOINTS = 17
+from pipeline.eval.iou_types import NUM_KEYPOINTS
 
 
 def _polygon(x: float, y: float, w: float, h: float) -> list[float]:

@@ -32,7 +32,7 @@ from pipeline.data.shards import (
     shard_rows,
     shard_schema,
 )
-from pipeline.eval.detections import NUM_KEYPOINTS
+from pipeline.eval.iou_types import NUM_KEYPOINTS
 from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline import schema
-from pipeline.eval.params import stat_keys
+from pipeline.eval.iou_types import get_iou_type
 from pipeline.eval.records import MatchRecords
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -42,7 +42,7 @@ def _coco(dataset: dict) -> COCO:
 
 def stats_of(metrics: dict, iou_type: str) -> np.ndarray:
     """The 12 (10) numbers of one IoU type of a metrics dict, in pycocotools' order."""
-    return np.array([metrics[iou_type][k] for k in stat_keys(iou_type)])
+    return np.array([metrics[iou_type][k] for k in get_iou_type(iou_type).stat_keys])
 
 
 def stress_case(seed: int, *, images: int = 30, categories: int = 3, max_side: int = 120) -> tuple[dict, list[dict]]:

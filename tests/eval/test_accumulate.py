@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.eval.accumulate import accumulate, per_category_ap, summarize
+from pipeline.eval.iou_types import get_iou_type
 from pipeline.eval.records import MatchRecords
 
 from tests.eval.helpers import pycocotools_eval, records_from_cocoeval, stress_case
@@ -15,10 +16,11 @@ from tests.eval.helpers import pycocotools_eval, records_from_cocoeval, stress_c
 def test_accumulate_equals_pycocotools_arrays(iou_type):
     coco, results = stress_case(5, images=40)
     e = pycocotools_eval(coco, results, iou_type)
-    ours = accumulate(records_from_cocoeval(e), category_ids=np.array(e.params.catIds), iou_type=iou_type)
+    entry = get_iou_type(iou_type)
+    ours = accumulate(records_from_cocoeval(e), category_ids=np.array(e.params.catIds), iou_type=entry)
     for name in ("precision", "recall", "scores"):
         np.testing.assert_array_equal(ours[name], e.eval[name], err_msg=name)
-    np.testing.assert_array_equal(summarize(ours, iou_type=iou_type), e.stats)
+    np.testing.assert_array_equal(summarize(ours, iou_type=entry), e.stats)
 
 
 def test_record_order_does_not_matter():
@@ -34,13 +36,14 @@ def test_record_order_does_not_matter():
         det_ignored=records.det_ignored[d], gt_image=records.gt_image[g], gt_category=records.gt_category[g],
         gt_count=records.gt_count[g],
     )
-    ours = accumulate(shuffled, category_ids=np.array(e.params.catIds), iou_type="bbox")
+    ours = accumulate(shuffled, category_ids=np.array(e.params.catIds), iou_type=get_iou_type("bbox"))
     np.testing.assert_array_equal(ours["precision"], e.eval["precision"])
 
 
 def test_no_records_gives_minus_one_everywhere():
-    result = accumulate(MatchRecords.empty(4), category_ids=np.array([1, 2]), iou_type="bbox")
-    assert (summarize(result, iou_type="bbox") == -1).all()
+    bbox = get_iou_type("bbox")
+    result = accumulate(MatchRecords.empty(4), category_ids=np.array([1, 2]), iou_type=bbox)
+    assert (summarize(result, iou_type=bbox) == -1).all()
     assert (per_category_ap(result) == -1).all()
 
 

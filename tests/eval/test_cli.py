@@ -1,23 +1,13 @@
-"""``pipeline eval`` and ``pipeline data export-coco`` through click's CliRunner."""
+"""``pipeline eval`` through click's CliRunner (export-coco: tests/annotate/test_coco.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
-import click
 from click.testing import CliRunner
 
-from pipeline.cli.eval import eval_cmd, export_coco_cmd
-
-
-def _data_group() -> click.Group:
-    @click.group()
-    def data() -> None:
-        """Stand-in for the real ``data`` group."""
-
-    data.add_command(export_coco_cmd)
-    return data
+from pipeline.cli.eval import eval_cmd
 
 
 def test_eval_prints_tables_and_writes_files(synthetic, tmp_path):
@@ -57,21 +47,6 @@ def test_eval_help_documents_every_option():
     assert result.exit_code == 0
     for option in ("--gt", "--iou-type", "--out", "--no-state", "--method", "--ray", "--json"):
         assert option in result.output
-
-
-def test_export_coco_command(synthetic, tmp_path):
-    group = _data_group()
-    out = tmp_path / "results.json"
-    result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(out)])
-    assert result.exit_code == 0, result.output
-    assert "skipped: " in result.output and isinstance(json.loads(out.read_text()), list)
-    result = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
-    assert result.exit_code == 0, result.output
-    assert set(json.loads((tmp_path / "ds.json").read_text())) >= {"images", "categories", "annotations"}
-    again = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset"])
-    assert again.exit_code == 1 and "exists; pass --overwrite" in again.output
-    replaced = CliRunner().invoke(group, ["export-coco", synthetic["pred"], str(tmp_path / "ds.json"), "--as-dataset", "--overwrite"])
-    assert replaced.exit_code == 0, replaced.output
 
 
 def test_eval_against_a_dataset_without_annotations_says_so(tmp_path):

@@ -21,14 +21,14 @@ from pycocotools import mask as mask_utils
 from pipeline.eval.accumulate import _first_at_least
 from pipeline.eval.detections import _bbox_results_fast, results_to_detections
 from pipeline.eval.groundtruth import _plain_columns, from_coco_dicts
-from pipeline.eval.matching import _bbox_ious
+from pipeline.eval.iou_types import bbox_ious
 from pipeline.eval.params import EvalInputError
 
 from tests.eval.helpers import stress_case
 
 
 class _Boxes:
-    """The few attributes of ``_Groups`` that :func:`_bbox_ious` reads."""
+    """The few attributes of ``_Groups`` that :func:`bbox_ious` reads."""
 
     def __init__(self, d, g):
         self.dets = type("D", (), {"bbox": d})()
@@ -48,7 +48,7 @@ def test_batched_bbox_iou_is_pycocotools_bit_for_bit(seed):
             g[0] = d[0]
         crowd = rng.random(n) < 0.3
         expected = np.asarray(mask_utils.iou(d, g, crowd.astype(int).tolist())).reshape(m, n)
-        got = _bbox_ious(_Boxes(d, g), np.arange(m)[None], np.arange(n)[None], np.ones((1, n), bool), crowd[None])[0]
+        got = bbox_ious(_Boxes(d, g), np.arange(m)[None], np.arange(n)[None], np.ones((1, n), bool), crowd[None])[0]
         assert got.tobytes() == expected.tobytes()
 
 

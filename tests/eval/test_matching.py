@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.eval.detections import results_to_detections
 from pipeline.eval.groundtruth import from_coco_dicts
+from pipeline.eval.iou_types import get_iou_type
 from pipeline.eval.matching import match_images
 
 from tests.eval.helpers import (
@@ -23,9 +24,10 @@ from tests.eval.helpers import (
 def _ours(coco: dict, results: list[dict], iou_type: str, method: str):
     gt = from_coco_dicts([(im["id"], im["height"], im["width"]) for im in coco["images"]], copy.deepcopy(coco["annotations"]),
                 coco["categories"], source="gt")
-    dets, _ = results_to_detections(copy.deepcopy(results), gt=gt, source="dt", masks=iou_type == "segm",
-                                    keypoints=iou_type == "keypoints")
-    return match_images(gt, dets, image_ids=gt.image_ids, iou_type=iou_type, method=method)
+    entry = get_iou_type(iou_type)
+    dets, _ = results_to_detections(copy.deepcopy(results), gt=gt, source="dt", masks="segm" in entry.det_fields,
+                                    keypoints="keypoints" in entry.det_fields)
+    return match_images(gt, dets, image_ids=gt.image_ids, iou_type=entry, method=method)
 
 
 @pytest.mark.parametrize("method", ["vectorized", "pycocotools"])

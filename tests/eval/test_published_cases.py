@@ -19,7 +19,7 @@ from pipeline.eval import evaluate
 from pipeline.eval.detections import results_to_detections
 from pipeline.eval.groundtruth import load_ground_truth
 from pipeline.eval.matching import _Groups
-from pipeline.eval.params import coco_params
+from pipeline.eval.iou_types import get_iou_type
 
 from tests.eval.helpers import COCO_EVAL, EXACT, stats_of
 
@@ -105,7 +105,7 @@ def test_missing_image_files_still_count_as_ground_truth(gt_shards):
     for name in ("image_ids", "heights", "widths", "ann_image", "ann_category", "ann_id", "ann_area", "ann_iscrowd", "ann_bbox"):
         np.testing.assert_array_equal(getattr(truth, name), getattr(direct, name))
     for t in ("bbox", "keypoints"):  # so state computed against either is valid for the other
-        assert truth.fingerprint(t) == direct.fingerprint(t)
+        assert truth.fingerprint(get_iou_type(t)) == direct.fingerprint(get_iou_type(t))
     for ours, theirs, h, w in zip(truth.ann_segm, direct.ann_segm, *truth.image_size(truth.ann_image)):
         if isinstance(theirs, dict):
             theirs = mask_utils.frPyObjects(theirs, int(h), int(w))
@@ -125,7 +125,7 @@ def test_crowd_iou_matrix_matches_published(gt_shards, tmp_path):
     gt = load_ground_truth(gt_shards("crowd_2299"))
     results = json.loads(open(_dt_path("crowd_2299", "bbox", tmp_path)).read())
     dets, _ = results_to_detections(results, gt=gt, source="dt")
-    groups = _Groups(gt, dets, gt.image_ids, coco_params("bbox"))
+    groups = _Groups(gt, dets, gt.image_ids, get_iou_type("bbox"))
     ((key, ds, dn, gs, gn),) = groups.paired()
     expected = np.load(COCO_EVAL / "crowd_2299" / "ious_2299_1.npy")
     np.testing.assert_array_equal(groups.ious(key, ds, dn, gs, gn), expected)
