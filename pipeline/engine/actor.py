@@ -3,7 +3,8 @@
 A stage only ever sees rows that decoded fine and that earlier stages did not fail. If the stage
 raises on a batch, the batch is retried row by row so one bad image cannot take its neighbours
 down; a row that still fails gets ``error = "<stage>: <exception>"``. The output always has the
-same rows as the input, with the stage's declared columns (null for error rows).
+same rows as the input, with the stage's declared columns (``output_columns``, as its spec's
+``output_columns()`` declares them; null for error rows), each cast to its declared type.
 
 A stage that fails on ``failure_limit`` rows in a row is broken (a bad checkpoint, a bug, an
 out-of-memory device), not fed bad images: then the actor raises :class:`StageFailed` and the job
@@ -31,6 +32,7 @@ class StageActor:
         stage_name: str,
         stage_cls: type,
         stage_kwargs: dict,
+        output_columns: dict[str, pa.DataType],
         drop_columns: tuple[str, ...] = (),
         failure_limit: int = 0,
     ):
@@ -39,8 +41,7 @@ class StageActor:
         self.failures_in_a_row = 0
         _one_interop_thread()
         self.stage = stage_cls(**stage_kwargs)
-        # A stage's columns can depend on its configuration (output_prefix, boxes_column).
-        self.writes: dict[str, pa.DataType] = dict(getattr(self.stage, "writes", stage_cls.writes))
+        self.output_columns = dict(output_columns)
         self.drop_columns = drop_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -78,15 +79,15 @@ class StageActor:
             return self._with_null_outputs(rows)
 
     def _with_null_outputs(self, rows: pa.Table) -> pa.Table:
-        for name, dtype in self.writes.items():
+        for name, dtype in self.output_columns.items():
             if name not in rows.column_names:
                 rows = rows.append_column(name, pa.nulls(rows.num_rows, dtype))
         return rows
 
     def _shape(self, table: pa.Table, input_schema: pa.Schema) -> pa.Table:
         """Input columns in input order, then the declared outputs, each cast to its declared type."""
-        names = list(input_schema.names) + [n for n in self.writes if n not in input_schema.names]
-        types = {**{f.name: f.type for f in input_schema}, **self.writes}
+        names = list(input_schema.names) + [n for n in self.output_columns if n not in input_schema.names]
+        types = {**{f.name: f.type for f in input_schema}, **self.output_columns}
         return pa.Table.from_arrays([table[n].cast(types[n]) for n in names], names=names)
 
 

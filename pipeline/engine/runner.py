@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from pipeline import schema
 from pipeline.config.load import ConfigError, dump, missing_files, path_settings
 from pipeline.config.paths import sha256_of
-from pipeline.config.spec import JobSpec
+from pipeline.config.spec import JobSpec, StageSpec
 from pipeline.data.decode import decode_batch
 from pipeline.data.importers import IMAGE_EXTENSIONS
 from pipeline.data.info import dataset_info
@@ -83,7 +83,7 @@ class JobCancelled(RuntimeError):
     """Raised in the driver when the job is stopped (SIGTERM from ``pipeline jobs cancel``)."""
 
 # Spec keys that change how fast a job runs but not what it writes: a resumed run may differ in them.
-RESOURCE_KEYS = {"batch_size", "num_cpus", "num_gpus", "pool_size", "threads", "resources"}
+RESOURCE_KEYS = StageSpec.resource_keys()
 
 
 @dataclass
@@ -312,6 +312,7 @@ def build_plan(plan: Plan, resources: list[StageResources] | None = None):
                 "stage_name": stage.name,
                 "stage_cls": stage.stage_class(),
                 "stage_kwargs": kwargs,
+                "output_columns": stage.output_columns(),
                 "drop_columns": (schema.PIXELS,) if last else (),
                 "failure_limit": job.stage_failure_limit,
             },
@@ -558,9 +559,7 @@ def metric_types(job: JobSpec) -> list[str]:
     """IoU types to evaluate: the spec's list, or (auto) those matching what the stages write."""
     if job.metrics != "auto":
         return list(job.metrics)
-    from pipeline.stages.chain import output_columns
-
-    written = {column for stage in job.stages for column in output_columns(stage)}
+    written = {column for stage in job.stages for column in stage.output_columns()}
     by_column = {schema.BOXES: "bbox", schema.MASKS: "segm", schema.KEYPOINTS: "keypoints"}
     return [iou for column, iou in by_column.items() if column in written]
 

@@ -6,9 +6,8 @@ stages writing one column would silently overwrite each other's outputs (or brea
 schema), and a stage reading a column no earlier stage writes would fail on every row. Both are
 spec errors, found here from the specs alone, without building a model:
 
-* a stage spec may define ``input_columns() -> {config key: (column, arrow type)}`` and
-  ``output_columns() -> {column: arrow type}``; a spec without them reads nothing and writes
-  its stage class's ``writes``;
+* every stage spec declares ``input_columns() -> {config key: (column, arrow type)}`` and
+  ``output_columns() -> {column: arrow type}`` (:class:`pipeline.config.spec.StageSpec`);
 * every input column must be written by an *earlier* stage, with the type the reader expects;
 * no column may be written twice, nor be one of the image columns a row already has.
 """
@@ -23,16 +22,6 @@ from pipeline.config.spec import StageSpec
 ROW_COLUMNS = tuple(schema.PREDICTION_BASE_SCHEMA.names) + (schema.IMAGE, schema.PIXELS, schema.ANNOTATIONS)
 
 
-def input_columns(spec: StageSpec) -> dict[str, tuple[str, pa.DataType]]:
-    reader = getattr(spec, "input_columns", None)
-    return reader() if callable(reader) else {}
-
-
-def output_columns(spec: StageSpec) -> dict[str, pa.DataType]:
-    writer = getattr(spec, "output_columns", None)
-    return writer() if callable(writer) else dict(spec.stage_class().writes)
-
-
 def check_columns(stages: list[StageSpec]) -> list[str]:
     """Problems with the column flow of ``stages`` (in job order), one line each; empty when fine.
 
@@ -42,7 +31,7 @@ def check_columns(stages: list[StageSpec]) -> list[str]:
     written: dict[str, tuple[str, pa.DataType]] = {}  # column -> (which stage, type)
     for i, spec in enumerate(stages):
         where = f"stages.{i} ({spec.name})"
-        for key, (column, dtype) in input_columns(spec).items():
+        for key, (column, dtype) in spec.input_columns().items():
             if column not in written:
                 earlier = ", ".join(sorted(written)) or "none"
                 problems.append(
@@ -50,7 +39,7 @@ def check_columns(stages: list[StageSpec]) -> list[str]:
                 )
             elif written[column][1] != dtype:
                 problems.append(f"{where}.{key}: column {column!r} is {written[column][1]}, this stage needs {dtype}")
-        for column, dtype in output_columns(spec).items():
+        for column, dtype in spec.output_columns().items():
             if column in ROW_COLUMNS:
                 problems.append(f"{where}: would overwrite the image column {column!r}; set output_prefix")
             elif column in written:

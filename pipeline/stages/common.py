@@ -1,4 +1,4 @@
-"""Helpers the model stages share: batch pixels in, checked boxes in, ragged columns out.
+"""Helpers the model stages share: batch pixels in, checked boxes in, ragged columns out, a device.
 
 Box format everywhere in this module is **xyxy** (x1, y1, x2, y2) in the pixels of the decoded
 image, the format of ``boxes`` and ``proposals`` columns. COCO's **xywh** only appears in ground
@@ -8,8 +8,11 @@ which catches xywh boxes fed to a stage by mistake.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import pyarrow as pa
+import torch
 from pycocotools import mask as mask_utils
 
 from pipeline import schema
@@ -148,6 +151,34 @@ def encode_mask_crops(crops: list[np.ndarray], offsets: list[tuple[int, int]], h
     return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
-def prefixed(columns: dict[str, pa.DataType], prefix: str) -> dict[str, pa.DataType]:
-    """Output column names with a stage's ``output_prefix`` (``""`` keeps the schema names)."""
-    return {prefix + name: dtype for name, dtype in columns.items()}
+T = TypeVar("T")
+
+
+def prefixed(columns: dict[str, T], prefix: str) -> dict[str, T]:
+    """Output column names with a stage's ``output_prefix`` (``""`` keeps the schema names).
+
+    The one place the prefix is applied: to the declared ``{column: type}`` of a spec's
+    ``output_columns`` and to the ``{column: array}`` a stage appends (:func:`append_columns`).
+    """
+    return {prefix + name: value for name, value in columns.items()}
+
+
+def append_columns(batch: pa.Table, columns: dict[str, pa.Array], prefix: str = "") -> pa.Table:
+    """``batch`` with ``columns`` (schema names) appended, in order, under ``prefix + name``."""
+    for name, values in prefixed(columns, prefix).items():
+        batch = batch.append_column(name, values)
+    return batch
+
+
+def torch_device(device: str, threads: int | None) -> torch.device:
+    """A stage's torch device (``cpu``/``cuda``), after setting its intra-op ``threads`` (None: torch's default).
+
+    Raises where the stage asks for a GPU this node's torch cannot see: failing the actor at once
+    beats running a GPU-sized pool on the CPU.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("stage asks for a GPU (num_gpus > 0) but torch sees no CUDA device on this node")
+    return resolved

@@ -22,7 +22,7 @@ Two keys connect this stage to earlier ones (see :mod:`pipeline.stages.chain`):
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -37,10 +37,75 @@ from pipeline.config.spec import StageSpec
 from pipeline.models.registry import build_model, check_state_dict, get_entry, unknown_kwargs_messages
 from pipeline.models.weights import load_checkpoint, resolve_weights
 from pipeline.stages.columns import ragged, ragged_boxes
-from pipeline.stages.common import batch_images, parse_boxes, prefixed
-from pipeline.stages.rcnn import detect_from_proposals, is_rcnn, require_rcnn
+from pipeline.stages.common import append_columns, batch_images, parse_boxes, prefixed, torch_device
+from pipeline.stages.rcnn import detect_from_proposals, is_rcnn
 
 CategoryMap = Literal["auto", "identity", "by_name"] | dict[int, int]
+
+DETECT_COLUMNS: dict[str, pa.DataType] = {  # what a detect stage writes, before its output_prefix
+    schema.BOXES: schema.BOXES_TYPE,
+    schema.SCORES: schema.SCORES_TYPE,
+    schema.LABELS: schema.IDS_TYPE,
+    schema.CATEGORY_IDS: schema.IDS_TYPE,
+}
+
+
+class DetectSpec(StageSpec):
+    """Parameters of a ``detect`` stage (see jobs/detect.yaml)."""
+
+    type_name: ClassVar[str] = "detect"
+
+    model: str = Field("fasterrcnn_mobilenet_v3_large_320_fpn", description="registered model name")
+    weights: str = path_field("none", "'none', a torchvision weights name (DEFAULT, COCO_V1...) or a .pth path")
+    num_classes: PositiveInt | None = Field(None, description="classes incl. background (weights none/bare state dict)")
+    score_threshold: float = Field(0.05, ge=0, le=1)
+    max_detections: PositiveInt = 100
+    category_map: CategoryMap = "auto"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder kwargs, e.g. min_size")
+    proposals_column: str | None = Field(
+        None, description="Fast R-CNN: run the RoI heads on this earlier stage's boxes (xyxy) instead of the RPN"
+    )
+    output_prefix: str = Field("", description="prepended to every column this stage writes, e.g. 'det_'")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        get_entry(value)  # raises ValueError listing the known models
+        return value
+
+    @field_validator("proposals_column")
+    @classmethod
+    def _proposals_need_rcnn(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if value is not None and model is not None and not is_rcnn(model):
+            raise ValueError(
+                f"proposals_column needs an R-CNN model (fasterrcnn_*, maskrcnn_*, keypointrcnn_*); {model} has no RoI heads"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _known_model_kwargs(self) -> "DetectSpec":
+        check_model_kwargs(self, self.model, self.model_kwargs)
+        return self
+
+    @classmethod
+    def stage_class(cls) -> type:
+        return DetectStage
+
+    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
+        return {"proposals_column": (self.proposals_column, schema.BOXES_TYPE)} if self.proposals_column else {}
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return prefixed(DETECT_COLUMNS, self.output_prefix)
+
+    def preflight(self) -> None:
+        check_weights(self.model, self.weights, self.num_classes)
+
+    def model_categories(self) -> list[dict] | None:
+        return resolve_weights(self.model, self.weights).categories()
+
+
+DEFAULT = DetectSpec.defaults()
 
 
 class DetectStage:
@@ -49,49 +114,29 @@ class DetectStage:
     Example::
 
         stage = DetectStage(model="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none", num_classes=4)
-        out = stage(batch)  # batch: pyarrow.Table with pixels/width/height columns
+        out = stage(batch)  # batch: pyarrow.Table with pixels/width/height columns; + DETECT_COLUMNS
 
-    ``writes`` on the class lists the columns without a prefix; an instance's ``writes`` is what
-    that instance appends (with its ``output_prefix``).
+    Defaults are :class:`DetectSpec`'s; the spec also checks the settings (e.g. that
+    ``proposals_column`` has an R-CNN model), so a stage built directly is trusted with them.
     """
-
-    writes: ClassVar[dict[str, pa.DataType]] = {
-        schema.BOXES: schema.BOXES_TYPE,
-        schema.SCORES: schema.SCORES_TYPE,
-        schema.LABELS: schema.IDS_TYPE,
-        schema.CATEGORY_IDS: schema.IDS_TYPE,
-    }
-    head_writes: ClassVar[dict[str, pa.DataType] | None] = None  # columns of boxes_column mode (masks, keypoints)
-    task: ClassVar[str | None] = None  # registry task the model must have (None: any detector)
-
-    @classmethod
-    def output_columns(cls, *, output_prefix: str = "", boxes_column: str | None = None) -> dict[str, pa.DataType]:
-        """The columns an instance with these settings appends, with their Arrow types."""
-        return prefixed(cls.head_writes if boxes_column and cls.head_writes else cls.writes, output_prefix)
 
     def __init__(
         self,
         *,
-        model: str,
-        weights: str = "none",
-        num_classes: int | None = None,
-        score_threshold: float = 0.05,
-        max_detections: int = 100,
-        category_map: CategoryMap = "auto",
-        dataset_categories: list[dict] = (),
+        model: str = DEFAULT.model,
+        weights: str = DEFAULT.weights,
+        num_classes: int | None = DEFAULT.num_classes,
+        score_threshold: float = DEFAULT.score_threshold,
+        max_detections: int = DEFAULT.max_detections,
+        category_map: CategoryMap = DEFAULT.category_map,
+        model_kwargs: dict[str, Any] | None = None,
+        proposals_column: str | None = DEFAULT.proposals_column,
+        output_prefix: str = DEFAULT.output_prefix,
+        dataset_categories: Sequence[dict] = (),
         device: str = "cpu",
         threads: int | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        proposals_column: str | None = None,
-        output_prefix: str = "",
     ):
-        if self.task and get_entry(model).task != self.task:
-            raise ValueError(f"model {model} has no {self.task} head (task {get_entry(model).task!r})")
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("stage asks for a GPU (num_gpus > 0) but torch sees no CUDA device on this node")
+        self.device = torch_device(device, threads)
         self.model, model_categories = build_model(
             model,
             resolve_weights(model, weights),
@@ -103,10 +148,7 @@ class DetectStage:
         self.model.to(self.device)
         self.label_to_category = category_mapping(category_map, model_categories, list(dataset_categories))
         self.proposals_column = proposals_column
-        if proposals_column:
-            require_rcnn(self.model, model, "proposals_column")
         self.output_prefix = output_prefix
-        self.writes = self.output_columns(output_prefix=output_prefix)
 
     def to_tensors(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """RGB uint8 (H, W, 3) -> float (3, H, W) in [0, 1] on the stage's device, as torchvision wants."""
@@ -140,7 +182,7 @@ class DetectStage:
         return [parse_boxes(cell, self.proposals_column) for cell in batch[self.proposals_column].to_pylist()]
 
     def columns(self, outputs: list[dict[str, np.ndarray]]) -> dict[str, pa.Array]:
-        """The box columns (unprefixed names) from the model's outputs."""
+        """The :data:`DETECT_COLUMNS` (unprefixed names) from the model's outputs."""
         labels = [o["labels"].astype(np.int64) for o in outputs]
         mapping = self.label_to_category
         categories = labels if mapping is None else [np.array([mapping.get(int(x), -1) for x in lab], np.int64) for lab in labels]
@@ -152,11 +194,8 @@ class DetectStage:
         }
 
     def append(self, batch: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-        """Append ``columns`` under this instance's output names, in the order of ``writes``."""
-        named = {self.output_prefix + name: values for name, values in columns.items()}
-        for name in self.writes:
-            batch = batch.append_column(name, named[name])
-        return batch
+        """Append ``columns`` (unprefixed names) under this stage's ``output_prefix``."""
+        return append_columns(batch, columns, self.output_prefix)
 
 
 def category_mapping(
@@ -207,78 +246,3 @@ def check_model_kwargs(spec: StageSpec, model: str, kwargs: dict[str, Any]) -> N
                 for key, message in problems.items()
             ],
         )
-
-
-class DetectSpec(StageSpec):
-    """Parameters of a ``detect`` stage (see jobs/detect.yaml)."""
-
-    type_name: ClassVar[str] = "detect"
-
-    model: str = Field("fasterrcnn_mobilenet_v3_large_320_fpn", description="registered model name")
-    weights: str = path_field("none", "'none', a torchvision weights name (DEFAULT, COCO_V1...) or a .pth path")
-    num_classes: PositiveInt | None = Field(None, description="classes incl. background (weights none/bare state dict)")
-    score_threshold: float = Field(0.05, ge=0, le=1)
-    max_detections: PositiveInt = 100
-    category_map: CategoryMap = "auto"
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder kwargs, e.g. min_size")
-    proposals_column: str | None = Field(
-        None, description="Fast R-CNN: run the RoI heads on this earlier stage's boxes (xyxy) instead of the RPN"
-    )
-    output_prefix: str = Field("", description="prepended to every column this stage writes, e.g. 'det_'")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        get_entry(value)  # raises ValueError listing the known models
-        return value
-
-    @field_validator("proposals_column")
-    @classmethod
-    def _proposals_need_rcnn(cls, value: str | None, info: ValidationInfo) -> str | None:
-        model = info.data.get("model")
-        if value is not None and model is not None and not is_rcnn(model):
-            raise ValueError(
-                f"proposals_column needs an R-CNN model (fasterrcnn_*, maskrcnn_*, keypointrcnn_*); {model} has no RoI heads"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _known_model_kwargs(self) -> "DetectSpec":
-        check_model_kwargs(self, self.model, self.model_kwargs)
-        return self
-
-    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
-        """Config key -> (column it names, Arrow type it must have): what must exist before this stage."""
-        return {"proposals_column": (self.proposals_column, schema.BOXES_TYPE)} if self.proposals_column else {}
-
-    def output_columns(self) -> dict[str, pa.DataType]:
-        return self.stage_class().output_columns(output_prefix=self.output_prefix)
-
-    @classmethod
-    def stage_class(cls) -> type:
-        return DetectStage
-
-    def preflight(self) -> None:
-        check_weights(self.model, self.weights, self.num_classes)
-
-    def model_categories(self) -> list[dict] | None:
-        return resolve_weights(self.model, self.weights).categories()
-
-    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "weights": self.weights,
-            "num_classes": self.num_classes,
-            "score_threshold": self.score_threshold,
-            "max_detections": self.max_detections,
-            "category_map": self.category_map,
-            "dataset_categories": categories,
-            "device": ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device,
-            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
-            "model_kwargs": self.model_kwargs,
-            "proposals_column": self.proposals_column,
-            "output_prefix": self.output_prefix,
-        }
-
-

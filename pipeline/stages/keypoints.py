@@ -7,7 +7,7 @@ nose, left_eye, right_eye, left_ear, right_ear, left_shoulder, ...) in the decod
 This is the layout of a COCO keypoint result. ``v`` is torchvision's visibility flag, which is
 always 1 for a predicted keypoint.
 
-Modes, as for masks (see :mod:`pipeline.stages.masks`): default (detect, then keypoints),
+Modes, as for masks (see :mod:`pipeline.stages.heads`): default (detect, then keypoints),
 ``proposals_column`` (Fast R-CNN on earlier proposals), and ``boxes_column``: keypoints for
 boxes an earlier stage found (e.g. a detect stage's persons); only the keypoint head runs and
 the stage writes only ``keypoints``, aligned with those boxes. The keypoint head is not
@@ -17,50 +17,90 @@ keypoints (v = 0: COCO's "not labelled").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt
 
 from pipeline import schema
-from pipeline.models.registry import get_entry, list_models
-from pipeline.stages.common import batch_images, parse_boxes, ragged_vectors
-from pipeline.stages.detect import DetectSpec, DetectStage
+from pipeline.models.registry import list_models
+from pipeline.stages.common import ragged_vectors
+from pipeline.stages.detect import CategoryMap
+from pipeline.stages.heads import HeadSpec, HeadStage
 from pipeline.stages.rcnn import heads_on_boxes
 
+KEYPOINT_COLUMNS: dict[str, pa.DataType] = {schema.KEYPOINTS: schema.KEYPOINTS_TYPE}  # what the keypoint head adds
 
-class KeypointsStage(DetectStage):
+
+class KeypointsSpec(HeadSpec):
+    """Parameters of a ``keypoints`` stage (see jobs/keypoints.yaml); detect's keys plus ``boxes_column``."""
+
+    type_name: ClassVar[str] = "keypoints"
+    task: ClassVar[str] = "keypoints"
+    head: ClassVar[str] = "keypoint"
+    head_columns: ClassVar[dict[str, pa.DataType]] = KEYPOINT_COLUMNS
+
+    model: str = Field("keypointrcnn_resnet50_fpn", description="a Keypoint R-CNN: " + ", ".join(list_models("keypoints")))
+    num_classes: PositiveInt | None = Field(2, description="classes incl. background: 2 = background + person")
+
+    @classmethod
+    def stage_class(cls) -> type:
+        return KeypointsStage
+
+
+DEFAULT = KeypointsSpec.defaults()
+
+
+class KeypointsStage(HeadStage):
     """Keypoint R-CNN on a batch of decoded images; keypoints aligned with the boxes.
 
     Example::
 
-        stage = KeypointsStage(model="keypointrcnn_resnet50_fpn", weights="none", num_classes=2)
+        stage = KeypointsStage(model="keypointrcnn_resnet50_fpn", weights="none")
         out = stage(batch)  # + boxes, scores, labels, category_ids, keypoints
     """
 
-    writes: ClassVar[dict[str, pa.DataType]] = {**DetectStage.writes, schema.KEYPOINTS: schema.KEYPOINTS_TYPE}
-    head_writes: ClassVar[dict[str, pa.DataType]] = {schema.KEYPOINTS: schema.KEYPOINTS_TYPE}
-    task: ClassVar[str] = "keypoints"
+    def __init__(
+        self,
+        *,
+        model: str = DEFAULT.model,
+        weights: str = DEFAULT.weights,
+        num_classes: int | None = DEFAULT.num_classes,
+        score_threshold: float = DEFAULT.score_threshold,
+        max_detections: int = DEFAULT.max_detections,
+        category_map: CategoryMap = DEFAULT.category_map,
+        model_kwargs: dict[str, Any] | None = None,
+        proposals_column: str | None = DEFAULT.proposals_column,
+        boxes_column: str | None = DEFAULT.boxes_column,
+        output_prefix: str = DEFAULT.output_prefix,
+        dataset_categories: Sequence[dict] = (),
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
+        super().__init__(
+            model=model,
+            weights=weights,
+            num_classes=num_classes,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            category_map=category_map,
+            model_kwargs=model_kwargs,
+            proposals_column=proposals_column,
+            output_prefix=output_prefix,
+            dataset_categories=dataset_categories,
+            device=device,
+            threads=threads,
+        )
+        self.use_boxes_column(boxes_column)
 
-    def __init__(self, *, boxes_column: str | None = None, **detect_kwargs: Any):
-        if boxes_column and detect_kwargs.get("proposals_column"):
-            raise ValueError("boxes_column and proposals_column exclude each other")
-        detect_kwargs.setdefault("num_classes", 2)
-        super().__init__(**detect_kwargs)
-        self.boxes_column = boxes_column
-        self.writes = self.output_columns(output_prefix=self.output_prefix, boxes_column=boxes_column)
+    def head_outputs(self, outputs: list[dict]) -> dict[str, pa.Array]:
+        return {schema.KEYPOINTS: ragged_vectors([flat_keypoints(o["keypoints"]) for o in outputs])}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        images = batch_images(batch)
-        if self.boxes_column:
-            boxes = [parse_boxes(cell, self.boxes_column) for cell in batch[self.boxes_column].to_pylist()]
-            return self.append(batch, {schema.KEYPOINTS: ragged_vectors(self.locate(images, boxes))})
-        outputs = self.predict(images, self.read_proposals(batch))
-        columns = self.columns(outputs)
-        columns[schema.KEYPOINTS] = ragged_vectors([flat_keypoints(o["keypoints"]) for o in outputs])
-        return self.append(batch, columns)
+    def head_on_boxes(self, batch: pa.Table, images: list[np.ndarray], boxes: list[np.ndarray]) -> dict[str, pa.Array]:
+        return {schema.KEYPOINTS: ragged_vectors(self.locate(images, boxes))}
 
     @torch.inference_mode()
     def locate(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
@@ -75,43 +115,3 @@ def flat_keypoints(keypoints: np.ndarray) -> np.ndarray:
     """torchvision's (N, K, 3) keypoints -> (N, 3K) float32 rows ``[x1, y1, v1, x2, y2, v2, ...]``."""
     keypoints = np.asarray(keypoints, np.float32)
     return keypoints.reshape(keypoints.shape[0], keypoints.shape[1] * keypoints.shape[2])
-
-
-class KeypointsSpec(DetectSpec):
-    """Parameters of a ``keypoints`` stage (see jobs/keypoints.yaml); detect's keys plus the ones below."""
-
-    type_name: ClassVar[str] = "keypoints"
-
-    model: str = Field("keypointrcnn_resnet50_fpn", description="a Keypoint R-CNN: " + ", ".join(list_models("keypoints")))
-    num_classes: PositiveInt | None = Field(2, description="classes incl. background: 2 = background + person")
-    boxes_column: str | None = Field(None, description="keypoints for this earlier stage's boxes (xyxy) instead of detecting")
-
-    @field_validator("model")
-    @classmethod
-    def _keypoint_model(cls, value: str) -> str:
-        if get_entry(value).task != "keypoints":
-            raise ValueError(f"{value} has no keypoint head; use one of {', '.join(list_models('keypoints'))}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_box_source(self) -> "KeypointsSpec":
-        if self.boxes_column and self.proposals_column:
-            raise ValueError(
-                "boxes_column and proposals_column exclude each other (boxes: keypoint head only; proposals: Fast R-CNN)"
-            )
-        return self
-
-    @classmethod
-    def stage_class(cls) -> type:
-        return KeypointsStage
-
-    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
-        if self.boxes_column:
-            return {"boxes_column": (self.boxes_column, schema.BOXES_TYPE)}
-        return super().input_columns()
-
-    def output_columns(self) -> dict[str, pa.DataType]:
-        return KeypointsStage.output_columns(output_prefix=self.output_prefix, boxes_column=self.boxes_column)
-
-    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
-        return {**super().stage_kwargs(categories), "boxes_column": self.boxes_column}

@@ -18,7 +18,7 @@ builds the full-size RLE from the crop and its offset
 pasting at full size and encoding (tests/stages/test_masks.py keeps that path as the reference;
 bench/masks.py measures both).
 
-Modes (keys shared with detect, see there):
+Modes (shared with keypoints, see :mod:`pipeline.stages.heads`):
 
 * default: the model detects, then segments its own detections;
 * ``proposals_column``: Fast R-CNN on an earlier stage's proposals, then segments;
@@ -31,25 +31,25 @@ Modes (keys shared with detect, see there):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, maskrcnn_inference
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import boxes as box_ops
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from pipeline import schema
-from pipeline.models.registry import get_entry, list_models
-from pipeline.stages.common import batch_images, encode_mask_crops, parse_boxes, parse_labels
-from pipeline.stages.detect import DetectSpec, DetectStage
-from pipeline.stages.rcnn import _features, detect_from_proposals
+from pipeline.models.registry import list_models
+from pipeline.stages.common import encode_mask_crops, parse_labels
+from pipeline.stages.detect import CategoryMap
+from pipeline.stages.heads import HeadSpec, HeadStage
+from pipeline.stages.rcnn import boxes_to_rois, detect_from_proposals, mask_probabilities
 
+MASK_COLUMNS: dict[str, pa.DataType] = {schema.MASKS: schema.MASKS_TYPE}  # what the mask head adds
 MASK_PROBS = "mask_probs"  # the key under which masks_unpasted leaves roi_heads' (N, 1, M, M) probabilities
 
 
@@ -117,7 +117,32 @@ def encode_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
     return encode_mask_crops(crops, offsets, *image_size)
 
 
-class MasksStage(DetectStage):
+class MasksSpec(HeadSpec):
+    """Parameters of a ``masks`` stage (see jobs/maskrcnn.yaml); detect's keys plus the ones below."""
+
+    type_name: ClassVar[str] = "masks"
+    task: ClassVar[str] = "masks"
+    head: ClassVar[str] = "mask"
+    head_columns: ClassVar[dict[str, pa.DataType]] = MASK_COLUMNS
+
+    model: str = Field("maskrcnn_resnet50_fpn", description="a Mask R-CNN: " + ", ".join(list_models("masks")))
+    mask_threshold: float = Field(0.5, ge=0, le=1, description="a pixel is in the mask when probability > this")
+    labels_column: str = Field(schema.LABELS, description="with boxes_column: each box's label in this model's classes")
+
+    @classmethod
+    def stage_class(cls) -> type:
+        return MasksStage
+
+    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
+        if self.boxes_column:
+            return {**super().input_columns(), "labels_column": (self.labels_column, schema.IDS_TYPE)}
+        return super().input_columns()
+
+
+DEFAULT = MasksSpec.defaults()
+
+
+class MasksStage(HeadStage):
     """Mask R-CNN on a batch of decoded images; masks as COCO RLE aligned with the boxes.
 
     Example::
@@ -126,25 +151,42 @@ class MasksStage(DetectStage):
         out = stage(batch)  # + boxes, scores, labels, category_ids, masks
     """
 
-    writes: ClassVar[dict[str, pa.DataType]] = {**DetectStage.writes, schema.MASKS: schema.MASKS_TYPE}
-    head_writes: ClassVar[dict[str, pa.DataType]] = {schema.MASKS: schema.MASKS_TYPE}
-    task: ClassVar[str] = "masks"
-
     def __init__(
         self,
         *,
-        mask_threshold: float = 0.5,
-        boxes_column: str | None = None,
-        labels_column: str = schema.LABELS,
-        **detect_kwargs: Any,
+        model: str = DEFAULT.model,
+        weights: str = DEFAULT.weights,
+        num_classes: int | None = DEFAULT.num_classes,
+        score_threshold: float = DEFAULT.score_threshold,
+        max_detections: int = DEFAULT.max_detections,
+        mask_threshold: float = DEFAULT.mask_threshold,
+        category_map: CategoryMap = DEFAULT.category_map,
+        model_kwargs: dict[str, Any] | None = None,
+        proposals_column: str | None = DEFAULT.proposals_column,
+        boxes_column: str | None = DEFAULT.boxes_column,
+        labels_column: str = DEFAULT.labels_column,
+        output_prefix: str = DEFAULT.output_prefix,
+        dataset_categories: Sequence[dict] = (),
+        device: str = "cpu",
+        threads: int | None = None,
     ):
-        if boxes_column and detect_kwargs.get("proposals_column"):
-            raise ValueError("boxes_column and proposals_column exclude each other")
-        super().__init__(**detect_kwargs)
+        super().__init__(
+            model=model,
+            weights=weights,
+            num_classes=num_classes,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            category_map=category_map,
+            model_kwargs=model_kwargs,
+            proposals_column=proposals_column,
+            output_prefix=output_prefix,
+            dataset_categories=dataset_categories,
+            device=device,
+            threads=threads,
+        )
+        self.use_boxes_column(boxes_column)
         self.mask_threshold = mask_threshold
-        self.boxes_column = boxes_column
         self.labels_column = labels_column
-        self.writes = self.output_columns(output_prefix=self.output_prefix, boxes_column=boxes_column)
 
     @torch.inference_mode()
     def predict(self, images: list[np.ndarray], proposals: list[np.ndarray] | None = None) -> list[dict]:
@@ -167,20 +209,16 @@ class MasksStage(DetectStage):
             results.append(out)
         return results
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if not self.boxes_column:
-            outputs = self.predict(batch_images(batch), self.read_proposals(batch))
-            columns = self.columns(outputs)
-            columns[schema.MASKS] = pa.array([o["masks"] for o in outputs], schema.MASKS_TYPE)
-            return self.append(batch, columns)
-        boxes = [parse_boxes(cell, self.boxes_column) for cell in batch[self.boxes_column].to_pylist()]
+    def head_outputs(self, outputs: list[dict]) -> dict[str, pa.Array]:
+        return {schema.MASKS: pa.array([o["masks"] for o in outputs], schema.MASKS_TYPE)}
+
+    def head_on_boxes(self, batch: pa.Table, images: list[np.ndarray], boxes: list[np.ndarray]) -> dict[str, pa.Array]:
         num_classes = self.model.roi_heads.mask_predictor.mask_fcn_logits.out_channels
         labels = [
             parse_labels(cell, self.labels_column, len(b), num_classes)
             for cell, b in zip(batch[self.labels_column].to_pylist(), boxes)
         ]
-        masks = self.segment(batch_images(batch), boxes, labels)
-        return self.append(batch, {schema.MASKS: pa.array(masks, schema.MASKS_TYPE)})
+        return {schema.MASKS: pa.array(self.segment(images, boxes, labels), schema.MASKS_TYPE)}
 
     @torch.inference_mode()
     def segment(self, images: list[np.ndarray], boxes: list[np.ndarray], labels: list[np.ndarray]) -> list[list[dict]]:
@@ -190,72 +228,13 @@ class MasksStage(DetectStage):
         paste: boxes are clipped to the image, the head runs on those with pixels inside, and their
         masks are pasted into the clipped boxes; a box with nothing inside gets an empty mask.
         """
-        model = self.model
-        heads = model.roi_heads
-        if heads.mask_roi_pool is None:
-            raise ValueError("this model has no mask head")
-        image_list, features, original = _features(model, self.to_tensors(images))
-        clipped = [box_ops.clip_boxes_to_image(torch.from_numpy(b).to(self.device), orig) for b, orig in zip(boxes, original)]
-        inside = [(c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1]) for c in clipped]
-        sizes = image_list.image_sizes
-        rois = [resize_boxes(c[k], orig, internal) for c, k, orig, internal in zip(clipped, inside, original, sizes)]
-        x = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
-        probs = maskrcnn_inference(x, [torch.from_numpy(lab).to(self.device)[k] for lab, k in zip(labels, inside)])
+        r = boxes_to_rois(self.model, self.to_tensors(images), [torch.from_numpy(b).to(self.device) for b in boxes])
+        probs = mask_probabilities(self.model, r, [torch.from_numpy(lab).to(self.device) for lab in labels])
         out = []
-        for prob, c, k, orig in zip(probs, clipped, inside, original):
+        for prob, c, k, orig in zip(probs, r.clipped, r.inside, r.original):
             crops, offsets = paste_in_boxes(prob, c[k], orig, self.mask_threshold)
             pasted = iter(zip(crops, offsets))
             empty = (np.zeros((0, 0), bool), (0, 0))
             ordered = [next(pasted) if keep else empty for keep in k.tolist()]
             out.append(encode_mask_crops([o[0] for o in ordered], [o[1] for o in ordered], *orig))
         return out
-
-
-class MasksSpec(DetectSpec):
-    """Parameters of a ``masks`` stage (see jobs/maskrcnn.yaml); detect's keys plus the ones below."""
-
-    type_name: ClassVar[str] = "masks"
-
-    model: str = Field("maskrcnn_resnet50_fpn", description="a Mask R-CNN: " + ", ".join(list_models("masks")))
-    mask_threshold: float = Field(0.5, ge=0, le=1, description="a pixel is in the mask when probability > this")
-    boxes_column: str | None = Field(None, description="segment this earlier stage's boxes (xyxy) instead of detecting")
-    labels_column: str = Field(schema.LABELS, description="with boxes_column: each box's label in this model's classes")
-
-    @field_validator("model")
-    @classmethod
-    def _mask_model(cls, value: str) -> str:
-        if get_entry(value).task != "masks":
-            raise ValueError(f"{value} has no mask head; use one of {', '.join(list_models('masks'))}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_box_source(self) -> "MasksSpec":
-        if self.boxes_column and self.proposals_column:
-            raise ValueError(
-                "boxes_column and proposals_column exclude each other (boxes: mask head only; proposals: Fast R-CNN)"
-            )
-        return self
-
-    @classmethod
-    def stage_class(cls) -> type:
-        return MasksStage
-
-    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
-        if self.boxes_column:
-            return {
-                "boxes_column": (self.boxes_column, schema.BOXES_TYPE),
-                "labels_column": (self.labels_column, schema.IDS_TYPE),
-            }
-        return super().input_columns()
-
-    def output_columns(self) -> dict[str, pa.DataType]:
-        return MasksStage.output_columns(output_prefix=self.output_prefix, boxes_column=self.boxes_column)
-
-    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
-        return {
-            **super().stage_kwargs(categories),
-            "mask_threshold": self.mask_threshold,
-            "boxes_column": self.boxes_column,
-            "labels_column": self.labels_column,
-        }
-

@@ -24,7 +24,6 @@ search time grows quickly with pixels); boxes come back in original pixels.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -39,115 +38,21 @@ from pipeline.models.registry import build_model
 from pipeline.models.weights import resolve_weights
 from pipeline.stages.detect import check_model_kwargs, check_weights
 from pipeline.stages.columns import ragged, ragged_boxes
-from pipeline.stages.common import batch_images, prefixed
-from pipeline.stages.rcnn import is_rcnn, require_rcnn, rpn_proposals
+from pipeline.stages.common import append_columns, batch_images, prefixed, torch_device
+from pipeline.stages.rcnn import is_rcnn, rpn_proposals
 from pipeline.stages.selective_search import SelectiveSearchProcess
 
 Method = Literal["rpn", "selective_search"]
 RPN_ONLY = ("model", "weights", "num_classes", "model_kwargs", "device")
 SELECTIVE_SEARCH_ONLY = ("mode", "seed", "max_side")
-
-
-class ProposalsStage:
-    """Region proposals for a batch of decoded images.
-
-    Example::
-
-        stage = ProposalsStage(method="selective_search", mode="fast", top_k=500)
-        out = stage(batch)  # + proposals (xyxy), proposal_scores
-    """
-
-    writes: ClassVar[dict[str, pa.DataType]] = {
-        schema.PROPOSALS: schema.BOXES_TYPE,
-        schema.PROPOSAL_SCORES: schema.SCORES_TYPE,
-    }
-
-    @classmethod
-    def output_columns(cls, *, output_prefix: str = "") -> dict[str, pa.DataType]:
-        return prefixed(cls.writes, output_prefix)
-
-    def __init__(
-        self,
-        *,
-        method: Method,
-        top_k: int = 1000,
-        model: str = "fasterrcnn_resnet50_fpn",
-        weights: str = "none",
-        num_classes: int | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        mode: Literal["fast", "quality"] = "fast",
-        seed: int = 0,
-        max_side: int | None = None,
-        device: str = "cpu",
-        threads: int | None = None,
-        output_prefix: str = "",
-    ):
-        self.method = method
-        self.top_k = top_k
-        self.output_prefix = output_prefix
-        self.writes = self.output_columns(output_prefix=output_prefix)
-        if method == "rpn":
-            if threads:
-                torch.set_num_threads(threads)
-            self.device = torch.device(device)
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError("stage asks for a GPU (num_gpus > 0) but torch sees no CUDA device on this node")
-            kwargs = {"rpn_post_nms_top_n_test": top_k, **(model_kwargs or {})}
-            self.model, _ = build_model(model, resolve_weights(model, weights), num_classes=num_classes, extra=kwargs)
-            require_rcnn(self.model, model, "method: rpn")
-            self.model.roi_heads = None  # never run: the boxes head is not needed in memory
-            self.model.to(self.device)
-        elif method == "selective_search":
-            import cv2  # opencv-contrib-python-headless: only this method needs it
-
-            if not hasattr(cv2, "ximgproc"):
-                raise RuntimeError("selective search needs cv2.ximgproc: install opencv-contrib-python-headless")
-            self.mode, self.seed, self.max_side = mode, seed, max_side
-            self.search = SelectiveSearchProcess(threads=threads)
-        else:
-            raise ValueError(f"unknown proposal method {method!r} (rpn | selective_search)")
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        images = batch_images(batch)
-        results = self.propose_rpn(images) if self.method == "rpn" else [self.selective_search(im) for im in images]
-        return batch.append_column(self.output_prefix + schema.PROPOSALS, ragged_boxes([b for b, _ in results])).append_column(
-            self.output_prefix + schema.PROPOSAL_SCORES, ragged([s for _, s in results], pa.float32())
-        )
-
-    @torch.inference_mode()
-    def propose_rpn(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """RGB uint8 (H, W, 3) -> per image (boxes (N, 4) xyxy float32, objectness (N,) float32)."""
-        tensors = [torch.from_numpy(np.array(im)).to(self.device).permute(2, 0, 1).float().div(255) for im in images]
-        return [
-            (b[: self.top_k].cpu().numpy().astype(np.float32), s[: self.top_k].cpu().numpy().astype(np.float32))
-            for b, s in rpn_proposals(self.model, tensors)
-        ]
-
-    def selective_search(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """RGB uint8 (H, W, 3) -> (boxes (N, 4) xyxy float32, rank scores 1 / (1 + rank))."""
-        import cv2
-
-        h, w = image.shape[:2]
-        bgr = np.ascontiguousarray(image[:, :, ::-1])  # OpenCV's channel order
-        if self.max_side and max(h, w) > self.max_side:
-            scale = self.max_side / max(h, w)
-            bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        rects = self.search.search(bgr, mode=self.mode, seed=self.seed)[: self.top_k].astype(np.float64)  # x, y, w, h
-        sy, sx = h / bgr.shape[0], w / bgr.shape[1]  # back to original pixels (1, 1 when not downscaled)
-        boxes = np.stack(
-            [rects[:, 0] * sx, rects[:, 1] * sy, (rects[:, 0] + rects[:, 2]) * sx, (rects[:, 1] + rects[:, 3]) * sy], axis=1
-        )
-        boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-        return boxes, rank_scores(len(boxes))
-
-
-def rank_scores(n: int) -> np.ndarray:
-    """The score of a proposal known only by its rank r (0 = first): ``1 / (1 + r)``, float32."""
-    return (1.0 / (1.0 + np.arange(n, dtype=np.float64))).astype(np.float32)
+PROPOSAL_COLUMNS: dict[str, pa.DataType] = {  # what a proposals stage writes, before its output_prefix
+    schema.PROPOSALS: schema.BOXES_TYPE,
+    schema.PROPOSAL_SCORES: schema.SCORES_TYPE,
+}
 
 
 class ProposalsSpec(StageSpec):
-    """Parameters of a ``proposals`` stage (see jobs/rcnn_chain.yaml)."""
+    """Parameters of a ``proposals`` stage (see jobs/rcnn_chain.yaml); ``device`` is rpn-only."""
 
     type_name: ClassVar[str] = "proposals"
 
@@ -160,7 +65,6 @@ class ProposalsSpec(StageSpec):
     mode: Literal["fast", "quality"] = Field("fast", description="selective_search: OpenCV's fast or quality strategy set")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="selective_search: seed of its random ranking (reproducible runs)")
     max_side: PositiveInt | None = Field(None, description="selective_search: downscale so the longer side is at most this")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="rpn: auto = cuda when num_gpus > 0")
     output_prefix: str = Field("", description="prepended to the columns this stage writes, e.g. 'ss_'")
 
     @field_validator("model")
@@ -201,20 +105,94 @@ class ProposalsSpec(StageSpec):
         return {}
 
     def output_columns(self) -> dict[str, pa.DataType]:
-        return ProposalsStage.output_columns(output_prefix=self.output_prefix)
+        return prefixed(PROPOSAL_COLUMNS, self.output_prefix)
 
-    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "method": self.method,
-            "top_k": self.top_k,
-            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
-            "output_prefix": self.output_prefix,
+
+DEFAULT = ProposalsSpec.defaults()
+
+
+class ProposalsStage:
+    """Region proposals for a batch of decoded images.
+
+    Example::
+
+        stage = ProposalsStage(method="selective_search", mode="fast", top_k=500)
+        out = stage(batch)  # + proposals (xyxy), proposal_scores
+
+    Settings of the other method are ignored (the spec refuses them). Defaults are :class:`ProposalsSpec`'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: Method,
+        top_k: int = DEFAULT.top_k,
+        model: str = DEFAULT.model,
+        weights: str = DEFAULT.weights,
+        num_classes: int | None = DEFAULT.num_classes,
+        model_kwargs: dict[str, Any] | None = None,
+        mode: Literal["fast", "quality"] = DEFAULT.mode,
+        seed: int = DEFAULT.seed,
+        max_side: int | None = DEFAULT.max_side,
+        output_prefix: str = DEFAULT.output_prefix,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
+        self.method = method
+        self.top_k = top_k
+        self.output_prefix = output_prefix
+        if method == "rpn":
+            self.device = torch_device(device, threads)
+            kwargs = {"rpn_post_nms_top_n_test": top_k, **(model_kwargs or {})}
+            self.model, _ = build_model(model, resolve_weights(model, weights), num_classes=num_classes, extra=kwargs)
+            self.model.roi_heads = None  # never run: the boxes head is not needed in memory
+            self.model.to(self.device)
+        elif method == "selective_search":
+            import cv2  # opencv-contrib-python-headless: only this method needs it
+
+            if not hasattr(cv2, "ximgproc"):
+                raise RuntimeError("selective search needs cv2.ximgproc: install opencv-contrib-python-headless")
+            self.mode, self.seed, self.max_side = mode, seed, max_side
+            self.search = SelectiveSearchProcess(threads=threads)
+        else:  # kept beside the spec's check: any other value would quietly run selective search
+            raise ValueError(f"unknown proposal method {method!r} (rpn | selective_search)")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images = batch_images(batch)
+        results = self.propose_rpn(images) if self.method == "rpn" else [self.selective_search(im) for im in images]
+        columns = {
+            schema.PROPOSALS: ragged_boxes([b for b, _ in results]),
+            schema.PROPOSAL_SCORES: ragged([s for _, s in results], pa.float32()),
         }
-        if self.method == "rpn":
-            device = ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device
-            kwargs.update(model=self.model, weights=self.weights, num_classes=self.num_classes, device=device)
-            kwargs["model_kwargs"] = self.model_kwargs
-        else:
-            kwargs.update(mode=self.mode, seed=self.seed, max_side=self.max_side)
-        return kwargs
+        return append_columns(batch, columns, self.output_prefix)
 
+    @torch.inference_mode()
+    def propose_rpn(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """RGB uint8 (H, W, 3) -> per image (boxes (N, 4) xyxy float32, objectness (N,) float32)."""
+        tensors = [torch.from_numpy(np.array(im)).to(self.device).permute(2, 0, 1).float().div(255) for im in images]
+        return [
+            (b[: self.top_k].cpu().numpy().astype(np.float32), s[: self.top_k].cpu().numpy().astype(np.float32))
+            for b, s in rpn_proposals(self.model, tensors)
+        ]
+
+    def selective_search(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RGB uint8 (H, W, 3) -> (boxes (N, 4) xyxy float32, rank scores 1 / (1 + rank))."""
+        import cv2
+
+        h, w = image.shape[:2]
+        bgr = np.ascontiguousarray(image[:, :, ::-1])  # OpenCV's channel order
+        if self.max_side and max(h, w) > self.max_side:
+            scale = self.max_side / max(h, w)
+            bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        rects = self.search.search(bgr, mode=self.mode, seed=self.seed)[: self.top_k].astype(np.float64)  # x, y, w, h
+        sy, sx = h / bgr.shape[0], w / bgr.shape[1]  # back to original pixels (1, 1 when not downscaled)
+        boxes = np.stack(
+            [rects[:, 0] * sx, rects[:, 1] * sy, (rects[:, 0] + rects[:, 2]) * sx, (rects[:, 1] + rects[:, 3]) * sy], axis=1
+        )
+        boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+        return boxes, rank_scores(len(boxes))
+
+
+def rank_scores(n: int) -> np.ndarray:
+    """The score of a proposal known only by its rank r (0 = first): ``1 / (1 + r)``, float32."""
+    return (1.0 / (1.0 + np.arange(n, dtype=np.float64))).astype(np.float32)

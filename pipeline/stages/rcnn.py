@@ -7,7 +7,9 @@ read as the algorithm (see torchvision ``models/detection/generalized_rcnn.py``)
 * :func:`rpn_proposals` -- stop after the RPN and keep its objectness scores;
 * :func:`detect_from_proposals` -- Fast R-CNN: skip the RPN, run the RoI heads on given boxes;
 * :func:`heads_on_boxes` -- skip box classification too: only the mask or keypoint head on given
-  boxes (e.g. a detect stage's output).
+  boxes (e.g. a detect stage's output), built from :func:`boxes_to_rois` and the two heads
+  (:func:`mask_probabilities`, :func:`keypoint_predictions`), which the masks and keypoints stages
+  use directly.
 
 All boxes going in and out are **xyxy** float32 in the original image's pixels. Inside, the
 model works on a resized image (``transform`` scales the short side to ``min_size``); boxes are
@@ -17,9 +19,9 @@ mapped with torchvision's own ``resize_boxes`` both ways, so they match a full f
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
-from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import keypointrcnn_inference, maskrcnn_inference, paste_masks_in_image
 from torchvision.models.detection.rpn import concat_box_prediction_layers
@@ -39,11 +41,6 @@ def is_rcnn(model_name: str) -> bool:
     """
     entry = get_entry(model_name)
     return entry.score_kwarg == "box_score_thresh" or model_name.startswith(RCNN_FAMILIES)
-
-
-def require_rcnn(model: nn.Module, model_name: str, why: str) -> None:
-    if not isinstance(model, GeneralizedRCNN) or not hasattr(model, "rpn"):
-        raise ValueError(f"{why} needs an R-CNN model ({', '.join(f + '_*' for f in RCNN_FAMILIES)}); {model_name} is not one")
 
 
 def _features(model: GeneralizedRCNN, images: list[torch.Tensor]):
@@ -95,6 +92,55 @@ def detect_from_proposals(
     return model.transform.postprocess(detections, image_list.image_sizes, original)
 
 
+class RoIs(NamedTuple):
+    """Given boxes made ready for an RoI head, per image (see :func:`boxes_to_rois`)."""
+
+    features: OrderedDict  # the backbone's feature maps of the batch
+    image_sizes: list[tuple[int, int]]  # (h, w) of each image in the model's resized frame
+    original: list[tuple[int, int]]  # (h, w) of each image as given
+    clipped: list[torch.Tensor]  # (N, 4) the boxes clipped to the image, original pixels
+    inside: list[torch.Tensor]  # (N,) bool: the box has area inside the image (only those go to a head)
+    rois: list[torch.Tensor]  # (n_inside, 4) those boxes in the model's frame
+
+
+def boxes_to_rois(model: GeneralizedRCNN, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> RoIs:
+    """transform + backbone on ``images``, and ``boxes`` (xyxy, original pixels) as RoIs for a head.
+
+    Boxes are clipped to the image first, as torchvision's own detections are before its mask and
+    keypoint heads see them. A box with no area inside the image has nothing to look at: it is
+    left out of ``rois`` (``inside`` False) and its caller gives it an empty result.
+    """
+    image_list, features, original = _features(model, images)
+    clipped = [box_ops.clip_boxes_to_image(b, orig) for b, orig in zip(boxes, original)]
+    inside = [(c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1]) for c in clipped]
+    sizes = image_list.image_sizes
+    rois = [resize_boxes(c[k], orig, internal) for c, k, orig, internal in zip(clipped, inside, original, sizes)]
+    return RoIs(features, sizes, original, clipped, inside, rois)
+
+
+def mask_probabilities(model: GeneralizedRCNN, r: RoIs, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mask head on ``r.rois``: per image (n_inside, 1, M, M) probabilities of each box's label.
+
+    The mask head is class-specific: ``labels`` (per image, one model label per given box, inside
+    or not) pick the channel. The masks are box-sized, not yet pasted into the image.
+    """
+    heads = model.roi_heads
+    if heads.mask_roi_pool is None:
+        raise ValueError("this model has no mask head")
+    x = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(r.features, r.rois, r.image_sizes)))
+    return maskrcnn_inference(x, [lab[k] for lab, k in zip(labels, r.inside)])
+
+
+def keypoint_predictions(model: GeneralizedRCNN, r: RoIs) -> list[torch.Tensor]:
+    """The keypoint head on ``r.rois``: per image (n_inside, K, 3) x, y, visibility in original pixels."""
+    heads = model.roi_heads
+    if heads.keypoint_roi_pool is None:
+        raise ValueError("this model has no keypoint head")
+    x = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(r.features, r.rois, r.image_sizes)))
+    kps, _ = keypointrcnn_inference(x, r.rois)
+    return [resize_keypoints(kp, internal, orig) for kp, internal, orig in zip(kps, r.image_sizes, r.original)]
+
+
 def heads_on_boxes(
     model: GeneralizedRCNN,
     images: list[torch.Tensor],
@@ -105,41 +151,27 @@ def heads_on_boxes(
 ) -> list[torch.Tensor]:
     """Only the mask head (``task="masks"``) or keypoint head (``"keypoints"``) on given boxes.
 
-    Boxes are clipped to the image first, as torchvision's own detections are before these heads
-    see them. A box with no area inside the image gets an empty mask / all-zero keypoints
-    (COCO's "not labelled") instead of a head output: there is nothing of it to segment.
-    The mask head is class-specific, so ``masks`` needs each box's model ``labels``.
+    A box with no area inside the image gets an empty mask / all-zero keypoints (COCO's "not
+    labelled") instead of a head output (:func:`boxes_to_rois`). The mask head is
+    class-specific, so ``masks`` needs each box's model ``labels``.
 
     Returns per image: ``masks`` -> float probabilities (N, 1, H, W) pasted at the original size;
     ``keypoints`` -> (N, K, 3) x, y, visibility in original pixels.
     """
-    image_list, features, original = _features(model, images)
-    heads = model.roi_heads
-    clipped = [box_ops.clip_boxes_to_image(b, orig) for b, orig in zip(boxes, original)]
-    inside = [(c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1]) for c in clipped]
-    rois = [resize_boxes(c[k], orig, internal) for c, k, orig, internal in zip(clipped, inside, original, image_list.image_sizes)]
-    sizes = image_list.image_sizes
+    if task not in ("masks", "keypoints"):
+        raise ValueError(f"unknown head {task!r}")
+    r = boxes_to_rois(model, images, boxes)
     out = []
     if task == "masks":
-        if heads.mask_roi_pool is None:
-            raise ValueError("this model has no mask head")
         if labels is None:
             raise ValueError("the mask head is class-specific: heads_on_boxes(task='masks') needs labels")
-        x = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
-        probs = maskrcnn_inference(x, [lab[k] for lab, k in zip(labels, inside)])
-        for prob, c, k, orig in zip(probs, clipped, inside, original):
+        for prob, c, k, orig in zip(mask_probabilities(model, r, labels), r.clipped, r.inside, r.original):
             full = prob.new_zeros((len(c), 1, orig[0], orig[1]))
             full[k] = paste_masks_in_image(prob, c[k], orig)  # into the given boxes, as postprocess does
             out.append(full)
-    elif task == "keypoints":
-        if heads.keypoint_roi_pool is None:
-            raise ValueError("this model has no keypoint head")
-        x = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(features, rois, sizes)))
-        kps, _ = keypointrcnn_inference(x, rois)
-        for kp, c, k, orig, internal in zip(kps, clipped, inside, original, sizes):
-            full = kp.new_zeros((len(c), x.shape[1], 3))
-            full[k] = resize_keypoints(kp, internal, orig)
-            out.append(full)
     else:
-        raise ValueError(f"unknown head {task!r}")
+        for kp, c, k in zip(keypoint_predictions(model, r), r.clipped, r.inside):
+            full = kp.new_zeros((len(c), kp.shape[1], 3))
+            full[k] = kp
+            out.append(full)
     return out

@@ -21,10 +21,9 @@ column out as files with a contact sheet.
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections import defaultdict
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -45,11 +44,63 @@ from pipeline.models.transformer_net import (
     read_transformer_checkpoint,
     stylize_tensor,
 )
-from pipeline.stages.common import batch_images
+from pipeline.stages.common import batch_images, torch_device
 
 Method = Literal["network", "optimize"]
 Format = Literal["jpeg", "png"]
 OPTIMIZE_MIN_SIDE = 8  # VGG-16 max-pools three times before relu4_3
+
+
+class StyleSpec(StageSpec):
+    """Parameters of a ``style`` stage (see jobs/style.yaml)."""
+
+    type_name: ClassVar[str] = "style"
+
+    method: Method = Field("network", description="network: a trained TransformerNet; optimize: Gatys et al., no network")
+    model: str | None = path_field(None, "TransformerNet checkpoint (.pth), pytorch/examples format; method network")
+    size: PositiveInt | None = Field(None, description="resize so the shorter side is this many px (default: keep the size)")
+    max_side: PositiveInt | None = Field(None, description="downscale images whose longer side is over this (default: keep)")
+    format: Format = Field("jpeg", description="how the stylized images are encoded")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality")
+    column: str = Field(schema.STYLIZED, min_length=1, description="output column of the encoded images")
+    style_image: str | None = path_field(None, "method optimize: the picture whose style to copy")
+    steps: PositiveInt = Field(100, description="method optimize: Adam steps per image")
+    content_weight: float = Field(1e5, gt=0, description="method optimize: weight of the relu2_2 content loss")
+    style_weight: float = Field(1e10, gt=0, description="method optimize: weight of the Gram style loss")
+    lr: float = Field(5.0, gt=0, description="method optimize: Adam step size, in grey levels (0..255)")
+    vgg_weights: str = path_field(DEFAULT_VGG, "method optimize: 'none', a torchvision VGG16 weights name or a .pth")
+
+    @model_validator(mode="after")
+    def _method_inputs(self) -> StyleSpec:
+        if self.method == "network" and not self.model:
+            raise ValueError("method network needs model: a TransformerNet checkpoint .pth (e.g. from pipeline train-style)")
+        if self.method == "optimize" and not self.style_image:
+            raise ValueError("method optimize needs style_image: the picture whose style to copy")
+        if self.size and self.max_side:
+            raise ValueError("give size (shorter side) or max_side (cap on the longer side), not both")
+        return self
+
+    def input_columns(self) -> dict[str, tuple[str, pa.DataType]]:
+        return {}
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.column: schema.STYLIZED_TYPE}
+
+    @classmethod
+    def stage_class(cls) -> type:
+        return StyleStage
+
+    def preflight(self) -> None:
+        """Checkpoint present and a TransformerNet (checked on the meta device), or VGG weights and
+        style image usable: everything fails here, naming the file, before any data is read."""
+        if self.method == "network":
+            read_transformer_checkpoint(self.model)
+        else:
+            check_vgg_weights(self.vgg_weights)
+            read_style_image(self.style_image)
+
+
+DEFAULT = StyleSpec.defaults()
 
 
 class StyleStage:
@@ -61,50 +112,36 @@ class StyleStage:
         out = stage(batch)  # batch: pyarrow.Table with pixels/width/height; adds column "stylized"
 
     ``stylize_float`` gives the unclamped float outputs (what the network computed); ``stylize``
-    the uint8 pictures that get encoded.
+    the uint8 pictures that get encoded. Defaults are :class:`StyleSpec`'s, and so are the checks
+    (``model`` for ``network``, ``style_image`` for ``optimize``).
     """
-
-    writes: ClassVar[dict[str, pa.DataType]] = {schema.STYLIZED: schema.STYLIZED_TYPE}
-
-    @classmethod
-    def output_columns(cls, *, column: str = schema.STYLIZED) -> dict[str, pa.DataType]:
-        return {column: schema.STYLIZED_TYPE}
 
     def __init__(
         self,
         *,
-        method: Method = "network",
-        model: str | None = None,
-        size: int | None = None,
-        max_side: int | None = None,
-        format: Format = "jpeg",
-        quality: int = 90,
-        column: str = schema.STYLIZED,
-        style_image: str | None = None,
-        steps: int = 100,
-        content_weight: float = 1e5,
-        style_weight: float = 1e10,
-        lr: float = 5.0,
-        vgg_weights: str = DEFAULT_VGG,
+        method: Method = DEFAULT.method,
+        model: str | None = DEFAULT.model,
+        size: int | None = DEFAULT.size,
+        max_side: int | None = DEFAULT.max_side,
+        format: Format = DEFAULT.format,
+        quality: int = DEFAULT.quality,
+        column: str = DEFAULT.column,
+        style_image: str | None = DEFAULT.style_image,
+        steps: int = DEFAULT.steps,
+        content_weight: float = DEFAULT.content_weight,
+        style_weight: float = DEFAULT.style_weight,
+        lr: float = DEFAULT.lr,
+        vgg_weights: str = DEFAULT.vgg_weights,
         device: str = "cpu",
         threads: int | None = None,
     ):
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("stage asks for a GPU (num_gpus > 0) but torch sees no CUDA device on this node")
+        self.device = torch_device(device, threads)
         self.method, self.size, self.max_side = method, size, max_side
         self.format, self.quality, self.column = format, quality, column
         self.steps, self.lr = steps, lr
-        self.writes = self.output_columns(column=column)
         if method == "network":
-            if not model:
-                raise ValueError("method network needs model: a TransformerNet checkpoint (.pth)")
             self.net = load_transformer_net(model, device=self.device)
         else:
-            if not style_image:
-                raise ValueError("method optimize needs style_image: the picture whose style to copy")
             vgg = build_vgg(vgg_weights, device=self.device)
             self.loss = PerceptualLoss(vgg, content_weight=content_weight, style_weight=style_weight)
             self.style_grams = self.loss.grams(to_tensor(read_style_image(style_image), self.device))
@@ -234,69 +271,3 @@ def read_style_image(path: str, *, max_side: int | None = None) -> np.ndarray:
     except DecodeError as exc:
         raise ValueError(f"style image {path}: {exc}") from None
     return resize(image, max_side=max_side)
-
-
-class StyleSpec(StageSpec):
-    """Parameters of a ``style`` stage (see jobs/style.yaml)."""
-
-    type_name: ClassVar[str] = "style"
-
-    method: Method = Field("network", description="network: a trained TransformerNet; optimize: Gatys et al., no network")
-    model: str | None = path_field(None, "TransformerNet checkpoint (.pth), pytorch/examples format; method network")
-    size: PositiveInt | None = Field(None, description="resize so the shorter side is this many px (default: keep the size)")
-    max_side: PositiveInt | None = Field(None, description="downscale images whose longer side is over this (default: keep)")
-    format: Format = Field("jpeg", description="how the stylized images are encoded")
-    quality: int = Field(90, ge=1, le=100, description="JPEG quality")
-    column: str = Field(schema.STYLIZED, min_length=1, description="output column of the encoded images")
-    style_image: str | None = path_field(None, "method optimize: the picture whose style to copy")
-    steps: PositiveInt = Field(100, description="method optimize: Adam steps per image")
-    content_weight: float = Field(1e5, gt=0, description="method optimize: weight of the relu2_2 content loss")
-    style_weight: float = Field(1e10, gt=0, description="method optimize: weight of the Gram style loss")
-    lr: float = Field(5.0, gt=0, description="method optimize: Adam step size, in grey levels (0..255)")
-    vgg_weights: str = path_field(DEFAULT_VGG, "method optimize: 'none', a torchvision VGG16 weights name or a .pth")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0")
-
-    @model_validator(mode="after")
-    def _method_inputs(self) -> StyleSpec:
-        if self.method == "network" and not self.model:
-            raise ValueError("method network needs model: a TransformerNet checkpoint .pth (e.g. from pipeline train-style)")
-        if self.method == "optimize" and not self.style_image:
-            raise ValueError("method optimize needs style_image: the picture whose style to copy")
-        if self.size and self.max_side:
-            raise ValueError("give size (shorter side) or max_side (cap on the longer side), not both")
-        return self
-
-    def output_columns(self) -> dict[str, pa.DataType]:
-        return StyleStage.output_columns(column=self.column)
-
-    @classmethod
-    def stage_class(cls) -> type:
-        return StyleStage
-
-    def preflight(self) -> None:
-        """Checkpoint present and a TransformerNet (checked on the meta device), or VGG weights and
-        style image usable: everything fails here, naming the file, before any data is read."""
-        if self.method == "network":
-            read_transformer_checkpoint(self.model)
-        else:
-            check_vgg_weights(self.vgg_weights)
-            read_style_image(self.style_image)
-
-    def stage_kwargs(self, categories: list[dict]) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "model": self.model,
-            "size": self.size,
-            "max_side": self.max_side,
-            "format": self.format,
-            "quality": self.quality,
-            "column": self.column,
-            "style_image": self.style_image,
-            "steps": self.steps,
-            "content_weight": self.content_weight,
-            "style_weight": self.style_weight,
-            "lr": self.lr,
-            "vgg_weights": self.vgg_weights,
-            "device": ("cuda" if self.num_gpus > 0 else "cpu") if self.device == "auto" else self.device,
-            "threads": self.threads or (max(1, math.ceil(self.num_cpus)) if self.num_cpus is not None else None),  # None: the runner derives it
-        }

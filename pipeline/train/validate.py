@@ -44,9 +44,11 @@ def validate(model: torch.nn.Module, spec: TrainSpec, categories: list[dict], *,
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "model.pth")
         torch.save(checkpoint_payload(spec, model, categories), weights)
+        spec_cls = get_stage_spec(STAGE_FOR_TASK[task])
         stage = StageActor(  # the wrapper jobs use: rows that fail to decode become error rows
             stage_name="validate",
-            stage_cls=get_stage_spec(STAGE_FOR_TASK[task]).stage_class(),
+            stage_cls=spec_cls.stage_class(),
+            output_columns=spec_cls(name="validate", type=spec_cls.type_name, model=spec.model).output_columns(),
             stage_kwargs={
                 "model": spec.model,
                 "weights": weights,

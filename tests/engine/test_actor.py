@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.data.decode import decode_batch
 from pipeline.engine.actor import StageActor
-from pipeline.stages.detect import DetectStage
+from pipeline.stages.detect import DetectSpec, DetectStage
 from tests.conftest import FAST_DETECT
 
 
@@ -28,7 +28,9 @@ def test_error_rows_pass_and_a_bad_row_fails_alone():
     pixels[3] = pixels[3][:-7]
     batch = batch.set_column(batch.column_names.index("pixels"), "pixels", pa.array(pixels, pa.large_binary()))
 
-    actor = StageActor(stage_name="detect", stage_cls=DetectStage, stage_kwargs=FAST_DETECT, drop_columns=("pixels",))
+    writes = DetectSpec(name="detect", type="detect").output_columns()
+    actor = StageActor(stage_name="detect", stage_cls=DetectStage, stage_kwargs=FAST_DETECT, output_columns=writes,
+                       drop_columns=("pixels",))
     out = actor(batch)
     assert sorted(out["image_id"].to_pylist()) == [0, 1, 2, 3]
     assert "pixels" not in out.column_names

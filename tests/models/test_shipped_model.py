@@ -21,7 +21,7 @@ from pipeline.data.shards import DatasetMeta, iter_shard, list_shards, read_meta
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.actor import StageActor
 from pipeline.eval import evaluate
-from pipeline.stages.masks import MasksStage
+from pipeline.stages.masks import MasksSpec, MasksStage
 from tests.conftest import REPO
 
 CHECKPOINT = REPO / "conf" / "models" / "small_maskrcnn_shapes.pth"
@@ -42,6 +42,7 @@ def test_shipped_checkpoint_keeps_its_accuracy(tmp_path):
     stage = StageActor(
         stage_name="masks",
         stage_cls=MasksStage,
+        output_columns=MasksSpec(name="masks", type="masks").output_columns(),
         stage_kwargs={
             "model": "small_maskrcnn",
             "weights": str(CHECKPOINT),

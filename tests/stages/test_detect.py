@@ -144,10 +144,11 @@ def test_fast_rcnn_mode_equals_torchvision_with_the_rpn_replaced(tmp_path, photo
     assert stage(empty).to_pylist()[0]["boxes"] == []
 
 
-def test_output_prefix_and_rcnn_only_proposals():
+def test_output_prefix_and_rcnn_only_proposals(photos):
     stage = DetectStage(**FAST_DETECT, output_prefix="det_")
-    assert list(stage.writes) == ["det_boxes", "det_scores", "det_labels", "det_category_ids"]
+    out = stage(_batch(photos[:1]))
+    declared = DetectSpec(name="d", type="detect", output_prefix="det_").output_columns()
+    assert list(declared) == ["det_boxes", "det_scores", "det_labels", "det_category_ids"] == out.column_names[-4:]
+    assert all(out.schema.field(name).type == dtype for name, dtype in declared.items())
     with pytest.raises(ValueError, match="proposals_column needs an R-CNN model"):
         DetectSpec(name="d", type="detect", model="ssdlite320_mobilenet_v3_large", proposals_column="proposals")
-    with pytest.raises(ValueError, match="proposals_column needs an R-CNN model"):
-        DetectStage(model="ssdlite320_mobilenet_v3_large", num_classes=4, proposals_column="proposals")

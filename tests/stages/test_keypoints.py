@@ -13,6 +13,7 @@ SMALL = {"min_size": 128, "max_size": 160, "rpn_pre_nms_top_n_test": 200, "rpn_p
 # The keypoint head is the expensive part (8 convs of 512 channels per box): few boxes.
 STAGE = {"num_classes": 2, "score_threshold": 0.05, "max_detections": 3, "model_kwargs": SMALL}
 NAME = "keypointrcnn_resnet50_fpn"
+WRITES = KeypointsSpec(name="k", type="keypoints").output_columns()  # detect's columns + keypoints
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_stage_equals_direct_torchvision_call(keypointrcnn, stage, photos):
     compared = 0
     for images in (photos[:1], photos[1:]):  # equal batching on both sides
         out = stage(make_batch(images))
-        assert_declared_types(out, KeypointsStage.writes)
+        assert_declared_types(out, WRITES)
         with torch.inference_mode():
             expected = reference([torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div(255) for im in images])
         for row, exp in zip(out.to_pylist(), expected):
@@ -74,7 +75,7 @@ def test_flat_keypoints_layout():
 
 def test_synthetic_images_give_the_declared_schema(stage, synth_images):
     out = stage(make_batch(synth_images[:2]))
-    assert_declared_types(out, KeypointsStage.writes)
+    assert_declared_types(out, WRITES)
     for row in out.to_pylist():
         assert len(row["keypoints"]) == len(row["boxes"]) > 0
         assert all(len(k) == 51 for k in row["keypoints"])
@@ -84,8 +85,10 @@ def test_boxes_column_runs_the_head_on_earlier_boxes(keypointrcnn, stage, photos
     """detect -> keypoints: keypoints for given boxes equal the full model's for its own boxes."""
     full = stage(make_batch(photos[:1]))
     heads = KeypointsStage(model=NAME, weights=keypointrcnn[1], boxes_column="boxes", **STAGE)
-    assert heads.writes == {"keypoints": schema.KEYPOINTS_TYPE}
-    row = heads(full.drop_columns(["keypoints"])).to_pylist()[0]
+    assert KeypointsSpec(name="k", type="keypoints", boxes_column="boxes").output_columns() == {"keypoints": schema.KEYPOINTS_TYPE}
+    out = heads(full.drop_columns(["keypoints"]))
+    assert out.column_names == full.column_names  # only keypoints added
+    row = out.to_pylist()[0]
     expected = keypoints_of(full.to_pylist()[0])
     assert len(expected) > 0
     assert np.abs(keypoints_of(row) - expected).max() <= 1e-3  # up to the box round trip's rounding
@@ -104,7 +107,7 @@ def test_empty_proposals_give_empty_outputs(keypointrcnn, photos):
     stage = KeypointsStage(model=NAME, weights=keypointrcnn[1], proposals_column="proposals", **STAGE)
     batch = with_column(make_batch(photos[:1]), "proposals", [[]], schema.BOXES_TYPE)
     out = stage(batch)
-    assert_declared_types(out, KeypointsStage.writes)
+    assert_declared_types(out, WRITES)
     row = out.to_pylist()[0]
     assert row["boxes"] == row["scores"] == row["labels"] == row["keypoints"] == []
 

@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"min_size": 128, "max_size": 160, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
 SETTINGS = {"box_score_thresh": 0.05, "box_detections_per_img": 6}
 STAGE = {"num_classes": 5, "score_threshold": 0.05, "max_detections": 6, "model_kwargs": SMALL}
+WRITES = MasksSpec(name="m", type="masks").output_columns()  # detect's columns + masks
 
 
 def reference_and_checkpoint(tmp_path_factory, name: str):
@@ -85,7 +86,7 @@ def check_fidelity(stage: MasksStage, reference: nn.Module, groups: list[list[np
     compared = 0
     for images in groups:  # equal batching on both sides (padding changes border features)
         out = stage(make_batch(images))
-        assert_declared_types(out, MasksStage.writes)
+        assert_declared_types(out, WRITES)
         for row, exp, im in zip(out.to_pylist(), direct(reference, images), images):
             assert_same_detections(row, exp)
             assert all(m["size"] == [im.shape[0], im.shape[1]] and isinstance(m["counts"], str) for m in row["masks"])
@@ -113,7 +114,7 @@ def test_threshold_is_configurable(maskrcnn, full_stage, photos):
 
 def test_synthetic_images_give_the_declared_schema(full_stage, synth_images):
     out = full_stage(make_batch(synth_images[:2]))
-    assert_declared_types(out, MasksStage.writes)
+    assert_declared_types(out, WRITES)
     for row in out.to_pylist():
         assert len(row["masks"]) == len(row["boxes"]) == len(row["scores"]) == len(row["labels"]) > 0
         assert decode(row).shape[1:] == (row["height"], row["width"])
@@ -145,7 +146,7 @@ def test_fast_rcnn_mode_equals_torchvision_with_the_rpn_replaced(maskrcnn, photo
     stage = MasksStage(model="maskrcnn_resnet50_fpn", weights=ckpt, proposals_column="proposals", **STAGE)
     batch = with_column(make_batch(images), "proposals", [p.tolist() for p in proposals], schema.BOXES_TYPE)
     out = stage(batch).to_pylist()
-    assert_declared_types(stage(batch.slice(0, 1)), MasksStage.writes)
+    assert_declared_types(stage(batch.slice(0, 1)), WRITES)
     rpn = reference.rpn
     try:
         reference.rpn = FixedProposals([torch.from_numpy(proposals[0])], [(h, w)])
@@ -161,8 +162,9 @@ def test_fast_rcnn_mode_equals_torchvision_with_the_rpn_replaced(maskrcnn, photo
 def test_boxes_column_segments_earlier_boxes(full_stage, head_stage, photos):
     """detect -> masks: the mask head on given boxes/labels reproduces the full model's masks."""
     full = full_stage(make_batch(photos[:1]))
-    assert head_stage.writes == {"masks": schema.MASKS_TYPE}  # the box columns stay the earlier stage's
-    out = head_stage(full.drop_columns(["masks"])).to_pylist()[0]
+    head_only = head_stage(full.drop_columns(["masks"]))
+    assert head_only.column_names == full.column_names  # only masks added: the box columns stay the earlier stage's
+    out = head_only.to_pylist()[0]
     expected = decode(full.to_pylist()[0])
     got = decode(out)
     assert got.shape == expected.shape and len(got) > 0 and expected.sum() > 0
@@ -193,7 +195,8 @@ def test_bad_boxes_fail_their_row_only(maskrcnn, head_stage, photos):
     batch = with_column(batch, "scores", [[0.9], [0.9], [0.9]], schema.SCORES_TYPE)
     batch = with_column(batch, "category_ids", [[1], [1], [1]], schema.IDS_TYPE)
     kwargs = {"model": "maskrcnn_resnet50_fpn", "weights": maskrcnn[1], "boxes_column": "boxes", **STAGE}
-    actor = StageActor(stage_name="masks", stage_cls=MasksStage, stage_kwargs=kwargs)
+    writes = MasksSpec(name="masks", type="masks", boxes_column="boxes").output_columns()
+    actor = StageActor(stage_name="masks", stage_cls=MasksStage, stage_kwargs=kwargs, output_columns=writes)
     rows = actor(batch).to_pylist()
     assert rows[0]["error"] is None and len(rows[0]["masks"]) == 1
     assert "masks: ValueError: boxes: box 0 is not finite" in rows[1]["error"] and rows[1]["masks"] is None

@@ -17,6 +17,7 @@ from tests.stages.helpers import assert_declared_types, boxes_of, make_batch
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 SMALL = {"min_size": 128, "max_size": 160, "rpn_pre_nms_top_n_test": 200}
+WRITES = ProposalsSpec(name="p", type="proposals", method="rpn").output_columns()  # proposals, proposal_scores
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_rpn_equals_torchvisions_rpn(rpn_model, rpn_stage, photos):
 
 def test_rpn_on_synthetic_images(rpn_stage, synth_images):
     out = rpn_stage(make_batch(synth_images))
-    assert_declared_types(out, ProposalsStage.writes)
+    assert_declared_types(out, WRITES)
     for row in out.to_pylist():
         assert 0 < len(row["proposals"]) == len(row["proposal_scores"]) <= 60
 
@@ -83,7 +84,7 @@ def test_selective_search_equals_opencv_and_is_reproducible(photos):
     stage = ProposalsStage(method="selective_search", mode="fast", top_k=200, seed=5)
     image = photos[0]
     out = stage(make_batch([image, image]))
-    assert_declared_types(out, ProposalsStage.writes)
+    assert_declared_types(out, WRITES)
     first, second = out.to_pylist()
     assert first["proposals"] == second["proposals"]  # seeded: the same ranking every time
 
@@ -138,7 +139,7 @@ def test_spec_validation():
     spec = ProposalsSpec(name="p", type="proposals", method="selective_search", mode="quality", output_prefix="ss_")
     assert spec.output_columns() == {"ss_proposals": schema.BOXES_TYPE, "ss_proposal_scores": schema.SCORES_TYPE}
     kwargs = spec.stage_kwargs([])
-    assert kwargs["mode"] == "quality" and "model" not in kwargs
+    assert kwargs["mode"] == "quality" and kwargs["output_prefix"] == "ss_" and kwargs["threads"] is None
     assert ProposalsSpec(name="p", type="proposals", method="rpn", num_gpus=1).stage_kwargs([])["device"] == "cuda"
     with pytest.raises(ValidationError, match="mode: not used by method rpn"):
         ProposalsSpec(name="p", type="proposals", method="rpn", mode="fast")

@@ -162,7 +162,7 @@ def test_bad_images_and_tiny_images_become_error_rows(checkpoints, tmp_path):
                                 "image": png(np.zeros((3, 3, 3), np.uint8))}])
     batch = decode_batch(pa.concat_tables([table, tiny.cast(table.schema)]), max_pixels=HUGE_LIMIT)
     actor = StageActor(stage_name="style", stage_cls=StyleStage, stage_kwargs={"model": plain, "format": "png"},
-                       drop_columns=(schema.PIXELS,))
+                       output_columns={schema.STYLIZED: schema.STYLIZED_TYPE}, drop_columns=(schema.PIXELS,))
     rows = actor(batch).to_pylist()
     assert Counter(r["image_id"] for r in rows) == Counter([*expected, 99])
     by_id = {r["image_id"]: r for r in rows}

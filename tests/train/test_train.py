@@ -11,8 +11,8 @@ from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.data.decode import decode_batch
 from pipeline.engine.actor import StageActor
-from pipeline.stages.detect import DetectStage
-from pipeline.stages.masks import MasksStage
+from pipeline.stages.detect import DetectSpec, DetectStage
+from pipeline.stages.masks import MasksSpec, MasksStage
 from pipeline.train.spec import TrainSpec
 from pipeline.train.trainer import preflight, train
 
@@ -67,11 +67,13 @@ def test_train_two_workers_then_resume(ray_local, shapes, tmp_path):
     assert json.loads((tmp_path / "out" / "train.json").read_text())["model"] == first["model"]
 
     actor = StageActor(stage_name="masks", stage_cls=MasksStage, drop_columns=("pixels",),
+                       output_columns=MasksSpec(name="masks", type="masks").output_columns(),
                        stage_kwargs={"model": "small_maskrcnn", "weights": first["model"], "score_threshold": 0.0})
     out = actor(decode_batch(read_shard(list_shards(str(shapes / "val"))[0]))).to_pylist()
     assert len(out) == 6 and all(r["error"] is None and r["masks"] is not None for r in out)
     # The detection stage takes the same checkpoint (boxes only).
     detect = StageActor(stage_name="detect", stage_cls=DetectStage, drop_columns=("pixels",),
+                        output_columns=DetectSpec(name="detect", type="detect").output_columns(),
                         stage_kwargs={"model": "small_maskrcnn", "weights": first["model"], "score_threshold": 0.0})
     boxes = detect(decode_batch(read_shard(list_shards(str(shapes / "val"))[0]))).to_pylist()
     assert len(boxes) == 6 and all(r["error"] is None and r["boxes"] is not None and "masks" not in r for r in boxes)

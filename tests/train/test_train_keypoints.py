@@ -14,7 +14,7 @@ from pipeline.data.decode import decode_batch
 from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.actor import StageActor
-from pipeline.stages.keypoints import KeypointsStage
+from pipeline.stages.keypoints import KeypointsSpec, KeypointsStage
 from pipeline.train.spec import TrainSpec
 from pipeline.train.targets import row_to_sample
 from pipeline.train.trainer import preflight, train
@@ -87,6 +87,7 @@ def test_train_keypoint_rcnn_and_run_it(ray_local, keypoint_shapes, tmp_path):
     assert ckpt["model_name"] == NAME and ckpt["build_kwargs"]["num_keypoints"] == 3
 
     actor = StageActor(stage_name="keypoints", stage_cls=KeypointsStage, drop_columns=("pixels",),
+                       output_columns=KeypointsSpec(name="keypoints", type="keypoints").output_columns(),
                        stage_kwargs={"model": NAME, "weights": result["model"], "score_threshold": 0.0, "max_detections": 2})
     out = actor(decode_batch(read_shard(list_shards(keypoint_shapes)[0]))).to_pylist()
     assert len(out) == 4 and all(r["error"] is None for r in out)
