@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 def make_set(args, root: Path, types: list[str]) -> None:
     from pipeline.data.importers import import_coco
-    from pipeline.eval import export_coco
+    from pipeline.annotate.coco import export_coco
     from pipeline.eval.synthetic import synthetic_case, write_predictions
 
     shutil.rmtree(root, ignore_errors=True)

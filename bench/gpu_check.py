@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from pipeline.config.load import load_job
+    from pipeline.engine.jobfile import load_job
 
     clock = Clock()
     print(f"gpu_check: {args.images} images {args.size * 4 // 3}x{args.size}, tasks {', '.join(args.tasks)}, device {args.device}, "

@@ -92,7 +92,7 @@ def test_cpu_smoke_masks_end_to_end(tmp_path):
 
 
 def test_detect_overrides_loop_and_masks_detect_column(tmp_path):
-    from pipeline.config.load import load_job
+    from pipeline.engine.jobfile import load_job
 
     gc = _module()
     args = gc.parse_args(["--device", "cpu", *TINY])

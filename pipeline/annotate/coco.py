@@ -54,8 +54,12 @@ from collections import Counter
 
 import numpy as np
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
 from pipeline.annotate.select import DROP_REASONS, SelectOptions, Selector, prediction_source
+from pipeline.data.render import known_categories
+from pipeline.data.shards import list_shards, publish_bytes, resolve, shard_schema
+from pipeline.eval.rle_check import check_counts
 
 POLYGON_TOLERANCE = 0.5  # pixels: Douglas-Peucker epsilon of --polygons (0 keeps every corner)
 OUTLINE_SCALE = 4  # contours traced on the mask upsampled by this factor: see mask_polygons
@@ -69,9 +73,6 @@ def export_coco(pred_path: str, out_path: str, *, as_dataset: bool = False, opti
     :mod:`pipeline.annotate.select` (also under ``skipped``), ``categories`` (names written) and,
     with polygons, ``empty_masks``, ``multipart_masks`` and ``mask_holes``.
     """
-    from pipeline import schema
-    from pipeline.data.shards import list_shards, publish_bytes, resolve, shard_schema
-
     options = options or SelectOptions()
     if polygons and not as_dataset:
         raise AnnotationError("--polygons needs --as-dataset: a COCO results list (for evaluators) takes RLE masks only")
@@ -133,8 +134,6 @@ def export_coco(pred_path: str, out_path: str, *, as_dataset: bool = False, opti
 def _categories(selector: Selector):
     """(COCO categories, object -> category_id): the predictions' own ids, or 1..K under a class map."""
     if selector.options.category_map is None:
-        from pipeline.data.render import known_categories
-
         known = known_categories(selector.meta) or [{"id": i, "name": n} for i, n in selector.source_names.items()]
         categories = [{**c, "id": int(c["id"]), "name": selector.source_names[int(c["id"])]}
                       for c in sorted(known, key=lambda c: int(c["id"]))]
@@ -145,8 +144,6 @@ def _categories(selector: Selector):
 
 def check_masks(im, where: str) -> None:
     """Each kept mask has the image's size and a well-formed RLE (pycocotools does not check)."""
-    from pipeline.eval.rle_check import check_counts
-
     masks = [obj.mask for obj in im.objects]
     if not masks:
         return

@@ -56,8 +56,12 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
 from pipeline.annotate.select import SelectOptions, Selector
+from pipeline.annotate.yolo import decode_mask, mask_outline, safe_relative
+from pipeline.data.importers import EXIF_ORIENTATION, read_image_bytes
+from pipeline.data.shards import DatasetMeta, ShardWriter, write_meta
 
 MASK_MODES = ("polygons", "brush")
 REGION_TYPES = {"rectanglelabels": "RectangleLabels", "polygonlabels": "PolygonLabels", "brushlabels": "BrushLabels"}
@@ -84,8 +88,6 @@ def brush_codec():
 def export_labelstudio(pred: str, out: str, *, options: SelectOptions, image_root: str, from_name: str = "label",
                        to_name: str = "image", masks: str | None = None, overwrite: bool = False) -> dict:
     """Write Label Studio tasks for ``pred`` to ``out`` and the labelling config beside it; returns counts."""
-    from pipeline.annotate.yolo import decode_mask, mask_outline, safe_relative
-
     if masks not in (None, *MASK_MODES):
         raise AnnotationError(f"masks must be one of {', '.join(MASK_MODES)}, got {masks!r}")
     config_path = config_path_for(out)
@@ -172,10 +174,6 @@ def labeling_config(names: list[str], region_type: str, *, from_name: str = "lab
 def import_labelstudio(export_json: str, out: str, *, images_dir: str, rows_per_shard: int = 1000,
                        overwrite: bool = False) -> dict:
     """Read a Label Studio JSON export into a dataset at ``out`` (see the module docstring); returns counts."""
-    from pipeline import schema
-    from pipeline.data.importers import EXIF_ORIENTATION, _read_image_bytes
-    from pipeline.data.shards import DatasetMeta, ShardWriter, write_meta
-
     try:
         with open(export_json, encoding="utf-8") as f:
             tasks = json.load(f)
@@ -211,7 +209,7 @@ def import_labelstudio(export_json: str, out: str, *, images_dir: str, rows_per_
         path, error = _find(files, name, where)
         data = width = height = None
         if path is not None:
-            data, error = _read_image_bytes(path)
+            data, error = read_image_bytes(path)
         if data is not None:
             from PIL import Image
 

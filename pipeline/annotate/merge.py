@@ -56,7 +56,21 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.annotate import AnnotationError
+from pipeline.annotate.coco import check_masks
 from pipeline.annotate.select import DROP_REASONS, SelectOptions, Selector, prediction_source
+from pipeline.data.shards import (
+    DATASET_JSON,
+    DatasetMeta,
+    ShardWriter,
+    iter_shard,
+    list_shards,
+    publish_bytes,
+    read_meta,
+    read_shard,
+    resolve,
+    shard_schema,
+    write_meta,
+)
 
 ANNOTATION_SOURCES = "annotation_sources"  # list<string>: one per annotation, "human" or a prediction source
 ANNOTATION_SCORES = "annotation_scores"  # list<float64>: one per annotation, null for human labels
@@ -74,8 +88,6 @@ BATCH_ROWS = 256
 def merge(ds: str, pred: str, out: str, *, mode: str, iou: float = 0.5, options: SelectOptions | None = None,
           rows_per_shard: int = 1000, overwrite: bool = False) -> dict:
     """Merge ``pred`` into ``ds`` as ``mode`` says and write the result to ``out``; returns the report."""
-    from pipeline.data.shards import DatasetMeta, ShardWriter, iter_shard, list_shards, read_meta, shard_schema, write_meta
-
     if mode not in MODES:
         raise AnnotationError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not (0.0 <= iou <= 1.0):
@@ -153,8 +165,6 @@ def _scan(shards: list[str]) -> tuple[dict[int, str | None], int, set[int]]:
     """image_id -> file_name, the largest annotation id, and the category ids the annotations use."""
     import pyarrow.compute as pc
 
-    from pipeline.data.shards import read_shard, shard_schema
-
     files: dict[int, str | None] = {}
     max_id, used = 0, set()
     for shard in shards:
@@ -200,9 +210,6 @@ def _target_categories(ds: str, meta, outputs: list[str], used: set[int]) -> tup
 
 def _predictions(selector: Selector, pred: str, ds: str, files: dict[int, str | None]) -> dict:
     """Readable prediction rows with their selected objects, by image_id; checked against DS."""
-    from pipeline.annotate.coco import check_masks
-    from pipeline.data.shards import list_shards, shard_schema
-
     present = [set(shard_schema(s).names) for s in list_shards(pred)]
     with_masks = any(schema.MASKS in p for p in present)
     with_keypoints = all(schema.KEYPOINTS in p for p in present)
@@ -289,8 +296,6 @@ def _remove_old_report(out: str, overwrite: bool) -> None:
     """With ``overwrite``, an earlier merge's ``merge.json`` goes with its dataset (prepare_output keeps other files)."""
     import pyarrow.fs as pafs
 
-    from pipeline.data.shards import DATASET_JSON, resolve
-
     if not overwrite:
         return
     fs, root = resolve(out)
@@ -304,8 +309,6 @@ def _remove_old_report(out: str, overwrite: bool) -> None:
 
 
 def _write_report(out: str, report: dict) -> None:
-    from pipeline.data.shards import publish_bytes, resolve
-
     fs, root = resolve(out)
     publish_bytes(fs, posixpath.join(root, MERGE_JSON), json.dumps(report, indent=2).encode("utf-8"))
 

@@ -56,7 +56,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
+from pipeline.data import coco_file
+from pipeline.data.shards import list_shards, read_shard, shard_schema
+from pipeline.eval.detections import Detections, read_prediction_table
+from pipeline.eval.groundtruth import load_ground_truth
 
 STATUSES = ("tp", "fp", "fn", "ignored")
 PREDICTION, GROUND_TRUTH = "prediction", "ground_truth"
@@ -246,9 +251,6 @@ class Review:
 def build_review(pred: str, gt: str, *, iou: float = 0.5, iou_type: str = "bbox", score_threshold: float = 0.5,
                  margin: float = 0.1) -> Review:
     """Match ``pred`` (a predictions dataset) against ``gt`` (a dataset or COCO file) and score each image."""
-    from pipeline.eval.detections import Detections
-    from pipeline.eval.groundtruth import load_ground_truth
-
     if margin < 0:
         raise AnnotationError(f"--margin {margin}: must be >= 0")
     ground = load_ground_truth(gt, segm=iou_type == "segm", keypoints=False)
@@ -306,10 +308,6 @@ def _obj(kind, obj_id, category_id, names, score, box, status, partner, iou) -> 
 
 def _read_predictions(pred: str, ground, *, masks: bool) -> dict:
     """Every shard through the evaluator's reader (its checks and skips), plus what review shows."""
-    from pipeline import schema
-    from pipeline.data.shards import list_shards, read_shard
-    from pipeline.eval.detections import read_prediction_table
-
     cat_ids = set(ground.category_ids.tolist())
     parts, det_ids, boxes = [], [], []
     rows: dict[int, dict] = {}
@@ -344,8 +342,6 @@ def _read_predictions(pred: str, ground, *, masks: bool) -> dict:
 
 
 def _concat(parts):
-    from pipeline.eval.detections import Detections
-
     return Detections(
         image_id=np.concatenate([p.image_id for p in parts]),
         category_id=np.concatenate([p.category_id for p in parts]),
@@ -358,10 +354,6 @@ def _concat(parts):
 
 def _gt_file_names(gt: str) -> dict[int, str]:
     """image_id -> file_name of the ground truth's images (for images no prediction row names)."""
-    from pipeline import schema
-    from pipeline.data import coco_file
-    from pipeline.data.shards import list_shards, read_shard, shard_schema
-
     if gt.endswith(".json") and os.path.isfile(gt):
         coco = coco_file.read_coco_file(gt, AnnotationError)
         return {coco_file.int_id(im["id"], "image id", AnnotationError): im.get("file_name") for im in coco["images"]}
@@ -403,7 +395,7 @@ def write_review(pred: str, gt: str, out: str, *, images: str | None = None, max
     the image bytes (default: ``gt`` when it has them, else the predictions' ``info.source``).
     ``settings``: ``iou``, ``iou_type``, ``score_threshold``, ``margin`` (:func:`build_review`).
     """
-    from pipeline.annotate.review_page import write_page
+    from pipeline.annotate.review_page import write_page  # late: review_page draws a Review, so it imports this module
 
     if "://" in out:
         raise AnnotationError(f"--out {out}: the review is a local folder (a page to open in a browser)")

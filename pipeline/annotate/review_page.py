@@ -23,8 +23,12 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
 from pipeline.annotate.review import GROUND_TRUTH, PAGE, PREDICTION, THUMBS, Review
+from pipeline.data.decode import DecodeError, decode_image
+from pipeline.data.render import check_same_images, font, layout_labels, picture_name, text_colour
+from pipeline.data.shards import DatasetError, list_shards, read_meta, read_shard, shard_schema
 
 THUMB = 320
 GT_COLOUR = (0, 114, 178)  # blue   (Okabe-Ito: told apart by colour-blind readers too)
@@ -40,9 +44,6 @@ def shown_objects(objects: list[dict], *, score_threshold: float, margin: float)
 
 def write_page(review: Review, out: str, *, images: str | None = None, max_images: int = 500) -> dict:
     """Draw the thumbnails and write ``index.html`` in ``out``; returns what the counts report."""
-    from pipeline.data.decode import DecodeError, decode_image
-    from pipeline.data.render import check_same_images, picture_name
-
     cards = review.images[:max_images]
     source = _image_source(review.settings["gt"], review.settings["pred"], images)
     pictures = _read_pictures(source, {im.image_id for im in cards}) if source else {}
@@ -74,9 +75,6 @@ def write_page(review: Review, out: str, *, images: str | None = None, max_image
 
 def _image_source(gt: str, pred: str, images: str | None) -> str | None:
     """The dataset holding the image bytes: ``images``, else ``gt``, else the predictions' source."""
-    from pipeline import schema
-    from pipeline.data.shards import DatasetError, list_shards, read_meta, shard_schema
-
     def has_bytes(path: str) -> bool:
         try:
             return any(schema.IMAGE in shard_schema(s).names for s in list_shards(path))
@@ -97,9 +95,6 @@ def _read_pictures(source: str, ids: set[int]) -> dict[int, tuple]:
     """image_id -> (file_name, width, height, bytes), shard by shard, only for ``ids`` (first wins)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from pipeline import schema
-    from pipeline.data.shards import list_shards, read_shard, shard_schema
 
     found: dict[int, tuple] = {}
     for shard in list_shards(source):
@@ -126,8 +121,6 @@ def label(o: dict) -> str:
 
 def draw_thumbnail(rgb: np.ndarray | None, width: int | None, height: int | None, objects: list[dict]) -> Image.Image:
     """The image (grey when ``rgb`` is None) at most ``THUMB`` px a side, with ``objects`` drawn (xyxy)."""
-    from pipeline.data.render import font, layout_labels, text_colour
-
     if rgb is not None:
         image = Image.fromarray(rgb)
     else:

@@ -41,7 +41,10 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
+from pipeline.data.render import known_categories
+from pipeline.data.shards import list_shards, read_meta, read_shard, shard_schema
 
 DROP_REASONS = {
     "no_category": "objects with no category (category_id -1, or an id dataset.json does not list)",
@@ -154,9 +157,6 @@ class Selector:
         ``name_unknown``: with no category list anywhere, name the ids the predictions use
         ``class <id>`` (as ``pipeline data render`` labels them) instead of failing: the COCO
         results export, whose ids are all an evaluator needs, takes it."""
-        from pipeline.data.render import known_categories
-        from pipeline.data.shards import read_meta
-
         self.pred, self.options = pred, options
         self.meta = read_meta(pred)
         categories = known_categories(self.meta, source)
@@ -212,9 +212,6 @@ class Selector:
 
     def images(self, *, with_masks: bool = False, with_keypoints: bool = False) -> Iterator[SelectedImage]:
         """Every prediction row once, in shard/row order; ``self.counts`` is filled as it goes."""
-        from pipeline import schema
-        from pipeline.data.shards import list_shards, read_shard, shard_schema
-
         self.counts = Counter(images=0, error_rows=0, objects_in=0, objects_kept=0)
         self.dropped_by_class = Counter()
         class_index = {n: i for i, n in enumerate(self.output_categories)}
@@ -247,8 +244,6 @@ class Selector:
                 yield image
 
     def _select_row(self, row: dict, image: SelectedImage, class_index: dict[str, int], shard: str) -> list[SelectedObject]:
-        from pipeline import schema
-
         where = f"{shard}: image_id {image.image_id} ({image.file_name})"
         if not image.width or not image.height:
             raise AnnotationError(f"{where}: no width/height, but no error either")
@@ -309,9 +304,6 @@ def used_category_ids(pred: str) -> list[int]:
     """The category ids a prediction dataset's boxes use (not -1), sorted; reads one column."""
     import pyarrow.compute as pc
 
-    from pipeline import schema
-    from pipeline.data.shards import list_shards, read_shard, shard_schema
-
     used: set[int] = set()
     for shard in list_shards(pred):
         if schema.CATEGORY_IDS in shard_schema(shard).names:
@@ -323,7 +315,7 @@ def used_category_ids(pred: str) -> list[int]:
 def prediction_source(meta, pred: str) -> str:
     """Where a prediction dataset's objects come from, in one line: the ``source`` of each exported object.
 
-    From the ``info`` the runner writes into ``dataset.json`` (:func:`pipeline.engine.runner.provenance`):
+    From the ``info`` the runner writes into ``dataset.json`` (:func:`pipeline.engine.record.provenance`):
     ``"<job>: <model> <weights file> sha256:<first 12>; job <job id>"``, e.g.
     ``"shapes_masks: small_maskrcnn small_maskrcnn_shapes.pth sha256:1f0c6d2a9b3e; job 7c1e..."``.
     Stages without a model (proposals) are left out; older dataset.json files with less in them

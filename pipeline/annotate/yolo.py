@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import schema
 from pipeline.annotate import AnnotationError
 from pipeline.annotate.select import SelectOptions, Selector
+from pipeline.data.shards import list_shards, read_shard, shard_schema
 
 OUTLINE_SCALE = 4  # outline traced on the mask upsampled by this factor: see mask_outline
 
@@ -78,9 +80,6 @@ class ImageSource:
     """Image bytes of an images dataset by image_id, read one shard at a time (never the whole set)."""
 
     def __init__(self, path: str, pred: str):
-        from pipeline import schema
-        from pipeline.data.shards import list_shards, read_shard, shard_schema
-
         self.path = path
         self._where: dict[int, tuple[str, str | None]] = {}  # image_id -> (shard, file_name)
         for shard in list_shards(path):
@@ -94,9 +93,6 @@ class ImageSource:
         """Bytes for these SelectedImages; an id missing from the dataset, another file name or no bytes is an error."""
         import pyarrow as pa
         import pyarrow.compute as pc
-
-        from pipeline import schema
-        from pipeline.data.shards import read_shard
 
         by_shard: dict[str, list[int]] = {}
         for im in images:

@@ -34,11 +34,14 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
 
     JOB_FILE is a YAML job spec (see jobs/README.md).
     """
-    from pipeline.config.load import ConfigError, dump, load_job
+    from pipeline.config.load import ConfigError, dump
+    from pipeline.engine.jobfile import load_job
 
     extra = list(overrides) + ([f"ray.address={address}"] if address else [])
     job = load_job(job_file, overrides=extra, input=input_path, output=output_path)
-    from pipeline.engine.runner import RayStartError, error_message, preflight, run_job
+    from pipeline.engine.preflight import preflight
+    from pipeline.engine.record import error_message
+    from pipeline.engine.runner import RayStartError, run_job
 
     if dry_run:  # everything a real run checks before it starts Ray, then stop
         click.echo(json.dumps(dump(job), indent=2))

@@ -12,6 +12,8 @@ import json
 import threading
 import time
 
+from pipeline.coordinator.actor import get_coordinator
+
 RECORD_PREFIX = "pipeline-record: "
 # Fields of the runner's record that travel to the coordinator and the logs (the spec only once).
 SUMMARY_FIELDS = (
@@ -38,8 +40,6 @@ class ClusterJob:
     def admit(self, record: dict) -> None:
         """Queue the job and block until the coordinator lets it run, saying where it stands."""
         import ray
-
-        from pipeline.coordinator.actor import get_coordinator
 
         self.coordinator = get_coordinator(max_running=self.max_running)
         first = {k: record.get(k) for k in SUMMARY_FIELDS if k in record}

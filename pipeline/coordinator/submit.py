@@ -21,7 +21,10 @@ import time
 
 import yaml
 
-from pipeline.config.load import dump, load_job
+import pipeline
+from pipeline.config.load import dump
+from pipeline.coordinator.driver import last_record
+from pipeline.engine.jobfile import load_job
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -79,8 +82,6 @@ def submit(
     ``overwrite`` replaces the output's shards instead of resuming; ``dry_run`` returns what would
     be submitted (``{"entrypoint", "spec", "metadata"}``) without contacting the cluster.
     """
-    import pipeline
-
     job = load_job(job_file, overrides=list(overrides), input=input, output=output)
     spec = dump(job)
     spec["ray"]["address"] = None  # the entrypoint says --address auto
@@ -116,8 +117,6 @@ def submit(
 
 def list_jobs(address: str | None = None) -> list[dict]:
     """Jobs of the cluster (ours and others), newest first, with their last reported record."""
-    from pipeline.coordinator.driver import last_record
-
     c = client(address)
     rows = []
     for info in sorted(c.list_jobs(), key=lambda i: i.start_time or 0, reverse=True):
@@ -129,8 +128,6 @@ def list_jobs(address: str | None = None) -> list[dict]:
 
 
 def status(job_id: str, address: str | None = None) -> dict:
-    from pipeline.coordinator.driver import last_record
-
     c = client(address)
     info = _info(c, job_id)
     return _row(info, last_record(_logs(c, job_id)), full=True)

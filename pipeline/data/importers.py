@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.coco_file import int_id, read_coco_file
-from pipeline.data.shards import DATASET_JSON, DatasetMeta, ShardWriter, write_meta
+from pipeline.data.shards import DATASET_JSON, DatasetMeta, ShardWriter, list_shards, read_shard, shard_schema, write_meta
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -37,7 +37,8 @@ def _safe_image_path(images_dir: Path, file_name: str) -> Path:
     return candidate
 
 
-def _read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
+def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or ``None`` and why it cannot be used (missing, unreadable, empty): an error row's message."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -165,7 +166,7 @@ def import_coco(
             if other_name is not None:
                 file_name = other_name
                 relinked += 1
-            data, error = _read_image_bytes(path if path is not None else _safe_image_path(root, file_name))
+            data, error = read_image_bytes(path if path is not None else _safe_image_path(root, file_name))
             if error:
                 errors.append(f"image {image_id}: {error}")
             height, width = int(im["height"]), int(im["width"])
@@ -235,8 +236,6 @@ def _relink_to_dataset(dataset: str, images: list[dict], annotations_file: str) 
     """Rows (image columns, from the dataset) paired with the file's image dicts, in the dataset's image_id order."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from pipeline.data.shards import list_shards, read_shard, shard_schema
 
     where: dict[str, tuple[str, int]] = {}  # file_name -> (shard, image_id)
     by_base: dict[str, list[str]] = defaultdict(list)
@@ -321,7 +320,7 @@ def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000, over
     writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
     errors: list[str] = []
     for image_id, path in enumerate(files, start=1):
-        data, error = _read_image_bytes(path)
+        data, error = read_image_bytes(path)
         width = height = None
         if data is not None:
             try:

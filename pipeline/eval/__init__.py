@@ -19,7 +19,7 @@ Modules, in data-flow order: :mod:`~pipeline.eval.groundtruth` and
 :mod:`~pipeline.eval.detections` (inputs, validation) -> :mod:`~pipeline.eval.matching`
 (per-image ``evaluateImg``) -> :mod:`~pipeline.eval.records` -> :mod:`~pipeline.eval.evaluator`
 (reset/process/evaluate) -> :mod:`~pipeline.eval.accumulate` -> :mod:`~pipeline.eval.report`;
-:mod:`~pipeline.eval.driver` runs it all; :mod:`pipeline.annotate.coco` writes COCO JSON (re-exported here).
+:mod:`~pipeline.eval.driver` runs it all; :mod:`pipeline.annotate.coco` writes COCO JSON.
 
 Example::
 
@@ -34,7 +34,6 @@ import importlib
 _EXPORTS = {
     "evaluate": "pipeline.eval.driver",
     "COCOEvaluator": "pipeline.eval.evaluator",
-    "export_coco": "pipeline.annotate.coco",
     "IOU_TYPES": "pipeline.eval.iou_types",
     "get_iou_type": "pipeline.eval.iou_types",
     "EvalInputError": "pipeline.eval.params",
@@ -47,4 +46,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "export_coco", "get_iou_type"]
+__all__ = ["IOU_TYPES", "COCOEvaluator", "EvalInputError", "evaluate", "get_iou_type"]

@@ -54,7 +54,7 @@ NUM_KEYPOINTS = len(Params(iouType="keypoints").kpt_oks_sigmas)
 
 
 def _schema():
-    from pipeline import schema  # loads pyarrow: not at import, `pipeline --help` imports this module
+    from pipeline import schema  # late: schema loads pyarrow, and `pipeline --help` imports this module
 
     return schema
 
@@ -285,7 +285,7 @@ class ProposalRecall(IoUType):
         return (_schema().PROPOSALS,)  # PROPOSAL_SCORES when present; else proposals are taken best first
 
     def evaluate(self, pred_paths, ground):
-        from pipeline.eval.proposals import class_agnostic_recall  # pyarrow: not for `pipeline --help`
+        from pipeline.eval.proposals import class_agnostic_recall  # late: pyarrow, not for `pipeline --help`
 
         (pred,) = pred_paths  # merges_predictions is False: the driver has checked
         stats, counts = class_agnostic_recall(pred, ground, max_dets=list(self.max_dets))

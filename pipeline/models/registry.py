@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.models.small_rcnn import small_maskrcnn
 from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint, torchvision_loads_safely
 
 
@@ -117,15 +118,7 @@ def _register_torchvision() -> None:
 
 
 _register_torchvision()
-
-
-def _register_project_models() -> None:
-    from pipeline.models.small_rcnn import small_maskrcnn
-
-    register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh", "box_detections_per_img"))
-
-
-_register_project_models()
+register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh", "box_detections_per_img"))
 
 
 def build_model(

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import pipeline
 from pipeline.config.load import ConfigError
 from pipeline.data.decode import DecodeError, decode_image
 from pipeline.data.shards import (
@@ -40,10 +41,12 @@ from pipeline.data.shards import (
 )
 from pipeline.models.transformer_net import (
     DEFAULT_VGG,
+    PerceptualLoss,
     TransformerNet,
     build_vgg,
     check_vgg_weights,
 )
+from pipeline.stages.style import read_style_image, to_tensor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +71,6 @@ class StyleTrainConfig:
 
 def preflight(config: StyleTrainConfig) -> tuple[list[str], np.ndarray]:
     """Every check that can fail before Ray starts: returns (content shard paths, style image RGB)."""
-    from pipeline.stages.style import read_style_image
-
     for name in ("steps", "batch_size", "image_size", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"train-style: {name} must be at least 1 (got {getattr(config, name)})")
@@ -157,9 +158,6 @@ class StyleTrainer:
         self.device = torch.device(device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        from pipeline.models.transformer_net import PerceptualLoss
-        from pipeline.stages.style import to_tensor
-
         self.net = TransformerNet().to(self.device).train()
         self.optimizer = torch.optim.Adam(self.net.parameters(), cfg.lr)
         vgg = build_vgg(cfg.vgg_weights, device=self.device)
@@ -211,8 +209,6 @@ def train_style(
     trainer = None
     if started_ray:
         if address:
-            import pipeline
-
             ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(pipeline.__file__)]})
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False)

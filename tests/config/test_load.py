@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.load import ConfigError, apply_override, dump, load_job, read_yaml
+from pipeline.config.load import ConfigError, apply_override, dump, read_yaml
+from pipeline.engine.jobfile import load_job
 from pipeline.train.spec import TrainSpec
 from pipeline.stages.detect import DetectSpec
 
@@ -195,7 +196,7 @@ def test_the_shipped_jobs_still_resolve_from_the_repository_root(monkeypatch):
 
 
 def test_missing_base_or_model_names_the_key_and_every_path_tried(tmp_path, monkeypatch, synth_ds):
-    from pipeline.engine.runner import preflight
+    from pipeline.engine.preflight import preflight
 
     text = (REPO / "jobs" / "shapes_masks.yaml").read_text()
     (tmp_path / "job.yaml").write_text(text)  # extends ../conf/defaults.yaml: not there from tmp

@@ -27,10 +27,12 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config.load import load_job
+from pipeline.engine.jobfile import load_job
 from pipeline.data.shards import STAMP_KEY, check_shard, list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.runner import job_fingerprint, preflight, read_record, shard_stamp
+from pipeline.engine.fingerprint import job_fingerprint, shard_stamp
+from pipeline.engine.preflight import preflight
+from pipeline.engine.record import read_record
 from tests.conftest import FAST_DETECT, REPO
 
 BUCKET = "shards"

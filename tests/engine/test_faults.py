@@ -12,7 +12,8 @@ import ray.cloudpickle
 
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.runner import read_record, run_job
+from pipeline.engine.record import read_record
+from pipeline.engine.runner import run_job
 from pipeline.stages import STAGES, register
 from tests.engine import probe_stage
 
@@ -38,7 +39,7 @@ def many_shards(tmp_path_factory) -> str:
 
 
 def load_probe_job(src: str, out: str, **stage):
-    from pipeline.config.load import validate
+    from pipeline.engine.jobfile import validate
 
     spec = {
         "name": "probe",

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pipeline.config.load import ConfigError, load_job
+from pipeline.config.load import ConfigError
+from pipeline.engine.jobfile import load_job
 from pipeline.engine.resources import StageResources, cluster_shape, resolve_resources
 from pipeline.engine.runner import run_job
 from pipeline.data.shards import list_shards, read_shard

@@ -17,10 +17,13 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config.load import ConfigError, load_job
+from pipeline.config.load import ConfigError
+from pipeline.engine.jobfile import load_job
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.runner import preflight, read_record, run_job
+from pipeline.engine.preflight import preflight
+from pipeline.engine.record import read_record
+from pipeline.engine.runner import run_job
 from tests.conftest import FAST_DETECT, REPO
 
 pytestmark = pytest.mark.ray

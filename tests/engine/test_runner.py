@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from pipeline.cli import main
-from pipeline.config.load import ConfigError, load_job
+from pipeline.config.load import ConfigError
+from pipeline.engine.jobfile import load_job
 from pipeline.data.importers import import_images
 from pipeline.data.shards import list_shards, read_meta, read_shard
 from pipeline.engine.runner import run_job

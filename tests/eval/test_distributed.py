@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.shards import list_shards
-from pipeline.eval import evaluate, export_coco
+from pipeline.annotate.coco import export_coco
+from pipeline.eval import evaluate
 from pipeline.eval.records import load_records
 from pipeline.eval.synthetic import synthetic_case, write_predictions
 

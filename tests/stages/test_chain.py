@@ -10,7 +10,8 @@ import torchvision
 from PIL import Image
 
 from pipeline import schema
-from pipeline.config.load import ConfigError, load_job, validate
+from pipeline.config.load import ConfigError
+from pipeline.engine.jobfile import load_job, validate
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.engine.runner import run_job
 from pipeline.stages.chain import check_columns

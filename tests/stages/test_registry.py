@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from pipeline import schema
-from pipeline.config.load import read_yaml, validate
+from pipeline.config.load import read_yaml
+from pipeline.engine.jobfile import validate
 from pipeline.config.spec import RUN_CONTEXT, StageSpec
 from pipeline.data.synth import synth_image
 from pipeline.models.transformer_net import TransformerNet

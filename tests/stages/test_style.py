@@ -14,11 +14,12 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.cli import main
-from pipeline.config.load import ConfigError, load_job, validate
+from pipeline.config.load import ConfigError
+from pipeline.engine.jobfile import load_job, validate
 from pipeline.data.decode import decode_batch
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.engine.actor import StageActor
-from pipeline.engine.runner import preflight
+from pipeline.engine.preflight import preflight
 from pipeline.models.transformer_net import (
     LEGACY_KEY,
     TransformerNet,
