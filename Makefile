@@ -41,7 +41,7 @@ model $(MODEL): | $(STAMP)
 	cp demo-output/train_shapes/model.pth $(MODEL)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The benchmarks behind bench/README.md (each prints its table; about 30 minutes on 2 cores).
 bench: $(STAMP)

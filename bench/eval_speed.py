@@ -1,6 +1,6 @@
 """Benchmark: ``pipeline eval`` vs pycocotools vs faster-coco-eval, each a whole cold command.
 
-Synthetic set (``pipeline.eval.synthetic``): N images x ~20 detections, 80 categories, boxes and
+Synthetic set (``pipeline.eval.synthetic_cases``): N images x ~20 detections, 80 categories, boxes and
 masks, written as a COCO annotations file (``gt.json``) and a COCO results file
 (``results.json``, through ``export_coco`` of prediction shards). Every tool then runs as its own
 fresh process -- interpreter start, imports, reading both JSON files, matching, accumulate,
@@ -9,7 +9,7 @@ summarize -- which is what a user waits for:
 * ``pycocotools``: ``COCO(gt)``, ``loadRes``, ``COCOeval`` evaluate/accumulate/summarize;
 * ``faster-coco-eval``: the same through its ``COCOeval_faster`` (``pip install -e .[bench]``);
 * ``pipeline eval``: ``pipeline eval results.json --gt gt.json --iou-type T --json`` (default
-  settings: no Ray below ``RAY_AUTO_MIN_IMAGES`` images, see ``pipeline.eval.driver``);
+  settings: no Ray below ``RAY_AUTO_MIN_IMAGES`` images, see ``pipeline.eval.evaluation``);
 * with ``--shards``: also ``pipeline eval PRED --gt GT_DATASET --no-state`` on our own formats;
 * with ``--ray``: also ``pipeline eval ... --ray`` (a private local Ray started and stopped).
 
@@ -80,7 +80,7 @@ def parse_args() -> argparse.Namespace:
 def make_set(args, root: Path, types: list[str]) -> None:
     from pipeline.data.importers import import_coco
     from pipeline.annotate.coco import export_coco
-    from pipeline.eval.synthetic import synthetic_case, write_predictions
+    from pipeline.eval.synthetic_cases import synthetic_case, write_predictions
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

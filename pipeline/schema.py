@@ -121,3 +121,18 @@ PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORE
 # --- style transfer (written by the style stage; `column` may rename it) ---------------------------
 STYLIZED = "stylized"  # per row: the restyled picture, encoded (JPEG or PNG bytes), EXIF orientation applied
 STYLIZED_TYPE = pa.binary()
+
+# --- semantic segmentation (written by the segment stage) -----------------------------------------
+# One compressed COCO RLE per category present in the image (the form detectron2 uses for semantic
+# predictions), at the decoded image size; together the masks cover every pixel exactly once.
+# Background is category id 0 and counts as a class (as in VOC).
+SEMANTIC_CATEGORY_IDS = "semantic_category_ids"  # per row: the dataset's category ids present, ascending
+SEMANTIC_MASKS = "semantic_masks"  # per row: one RLE per id of SEMANTIC_CATEGORY_IDS, same order
+SEMANTIC_CATEGORY_IDS_TYPE = pa.list_(pa.int32())
+SEMANTIC_MASKS_TYPE = pa.list_(RLE_TYPE)
+SEMANTIC_IGNORE = 255  # label-map value that evaluation ignores (VOC's "void")
+# Semantic ground truth, optional in an image dataset (written by an importer of label-map folders):
+# PNG bytes of a uint8 map (H, W) of category ids, 255 = ignore (VOC stores palette PNGs read by index).
+# A row without one (null) takes its semantic ground truth from its instance annotations.
+LABEL_MAP = "label_map"
+LABEL_MAP_TYPE = pa.binary()

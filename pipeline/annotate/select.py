@@ -315,7 +315,7 @@ def used_category_ids(pred: str) -> list[int]:
 def prediction_source(meta, pred: str) -> str:
     """Where a prediction dataset's objects come from, in one line: the ``source`` of each exported object.
 
-    From the ``info`` the runner writes into ``dataset.json`` (:func:`pipeline.engine.record.provenance`):
+    From the ``info`` the runner writes into ``dataset.json`` (:func:`pipeline.engine.job_record.provenance`):
     ``"<job>: <model> <weights file> sha256:<first 12>; job <job id>"``, e.g.
     ``"shapes_masks: small_maskrcnn small_maskrcnn_shapes.pth sha256:1f0c6d2a9b3e; job 7c1e..."``.
     Stages without a model (proposals) are left out; older dataset.json files with less in them

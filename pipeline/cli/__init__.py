@@ -11,7 +11,7 @@ from pipeline.cli.eval import eval_cmd
 from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.review import review_cmd
 from pipeline.cli.run import run
-from pipeline.cli.style import train_style
+from pipeline.cli.train_style import train_style
 from pipeline.cli.train import train
 
 

@@ -1,4 +1,4 @@
-"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall).
+"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall, semantic segmentation mIoU).
 
 Register with::
 
@@ -31,6 +31,19 @@ def _report_skips(skipped: dict) -> None:
         click.echo(f"  skipped: {n} {SKIP_REASONS.get(reason, reason.replace('_', ' '))}", err=True)
 
 
+def _nested_per_category(m: dict) -> bool:
+    return any(isinstance(v, dict) for v in m.get("per_category", {}).values())
+
+
+def _printable(m: dict) -> dict:
+    """None (a metric without ground truth: detectron2's NaN) printed as nan."""
+    return {k: float("nan") if v is None else v for k, v in m.items()}
+
+
+def _fmt_value(v) -> str:
+    return "nan" if v is None else f"{v:.3f}"
+
+
 def _iou_type_help() -> str:
     notes = "".join(f" {t.name}: {t.help}." for t in map(get_iou_type, list_iou_types()) if t.help)
     return f"What to evaluate (repeatable). Default: bbox.{notes}"
@@ -53,17 +66,18 @@ def _iou_type_help() -> str:
     "--ray/--no-ray",
     "use_ray",
     default=None,
-    help="Match shards as Ray tasks / in this process. Default: Ray if it is running, or for sets large enough to repay starting it (RAY_AUTO_MIN_IMAGES in pipeline/eval/driver.py).",
+    help="Match shards as Ray tasks / in this process. Default: Ray if it is running, or for sets large enough to repay starting it (RAY_AUTO_MIN_IMAGES in pipeline/eval/evaluation.py).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json content instead of tables.")
 @user_errors
 def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -> None:
-    """COCO evaluation of predictions against ground truth.
+    """Evaluate predictions against ground truth (COCO AP/AR, proposal recall, semantic mIoU).
 
     PRED is a prediction dataset (job output) or a COCO results JSON file; give several to merge
-    runs (an image predicted twice counts once). Numbers equal pycocotools' COCOeval.
+    runs (an image predicted twice counts once). COCO numbers equal pycocotools' COCOeval; semantic
+    follows detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC).
     """
-    from pipeline.eval.driver import evaluate
+    from pipeline.eval.evaluation import evaluate
     from pipeline.eval.report import per_category_rows, summary_table
 
     types = [get_iou_type(t) for t in iou_types or ["bbox"]]  # click has checked the names
@@ -76,12 +90,19 @@ def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -
         return
     for t in types:
         click.echo(f"\n{t.title}")
-        header, rows = summary_table(t, metrics[t.name])
+        header, rows = summary_table(t, _printable(metrics[t.name]))
         print_table(rows, header=header)
-    header, rows = per_category_rows(metrics)
+    nested = {name for name, m in metrics.items() if _nested_per_category(m)}
+    header, rows = per_category_rows({name: m for name, m in metrics.items() if name not in nested})
     if rows:
         click.echo("")
         print_table(rows, header=header)
+    for name in nested:  # {category: {stat: value}} (semantic: IoU and ACC per class)
+        per_category = metrics[name]["per_category"]
+        stats = list(dict.fromkeys(k for v in per_category.values() for k in v))
+        click.echo("")
+        print_table([(cat, *(_fmt_value(v.get(k)) for k in stats)) for cat, v in per_category.items()],
+                    header=("category", *(f"{k} {name}" for k in stats)))
     click.echo("")
     for t in types:
         counts = metrics[t.name]["counts"]

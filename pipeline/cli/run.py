@@ -40,7 +40,7 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
     extra = list(overrides) + ([f"ray.address={address}"] if address else [])
     job = load_job(job_file, overrides=extra, input=input_path, output=output_path)
     from pipeline.engine.preflight import preflight
-    from pipeline.engine.record import error_message
+    from pipeline.engine.job_record import error_message
     from pipeline.engine.runner import RayStartError, run_job
 
     if dry_run:  # everything a real run checks before it starts Ray, then stop
@@ -55,7 +55,7 @@ def run(job_file, input_path, output_path, overrides, address, resume, overwrite
 
     cluster = None
     if job.ray.address:  # on a cluster, jobs queue through the coordinator and report to it
-        from pipeline.coordinator.driver import ClusterJob
+        from pipeline.coordinator.job_driver import ClusterJob
         from pipeline.coordinator.submit import new_job_id
 
         job_id = job_id or new_job_id(job.name)

@@ -18,7 +18,7 @@ def train(train_file: str, overrides: tuple[str, ...], address: str | None) -> N
     TRAIN_FILE is a YAML training spec, e.g. jobs/train_shapes.yaml.
     """
     from pipeline.config.load import apply_override, read_yaml
-    from pipeline.train.spec import TrainSpec
+    from pipeline.train.train_spec import TrainSpec
     from pipeline.train.trainer import train as run_training
 
     data = read_yaml(train_file)

@@ -19,6 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
+from pipeline.eval.iou_types import get_iou_type
 
 
 class Strict(BaseModel):
@@ -155,10 +156,10 @@ class JobSpec(Strict):
     read_num_cpus: float = Field(0.25, gt=0, description="CPUs per shard-reading task")
     decode: DecodeSpec = Field(default_factory=DecodeSpec)
     stages: list[StageSpec] = Field(min_length=1)
-    metrics: Literal["auto"] | list[Literal["bbox", "segm", "keypoints"]] = Field(
+    metrics: Literal["auto"] | list[str] = Field(
         "auto",
-        description="COCO metrics computed at the end when the input has ground truth "
-        "(auto: bbox/segm/keypoints for whatever the stages write; [] for none)",
+        description="evaluation (IoU types of pipeline.eval.iou_types) at the end when the input has ground truth "
+        "(auto: the types for whatever the stages write, e.g. bbox/segm/keypoints/semantic; [] for none)",
     )
     ray: RaySpec = Field(default_factory=RaySpec)
     stage_failure_limit: int = Field(
@@ -166,3 +167,10 @@ class JobSpec(Strict):
         ge=0,
         description="fail the job when a stage raises on this many rows in a row (a broken stage, not a bad image); 0: never",
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_iou_types(cls, value: Any) -> Any:
+        for name in [] if value == "auto" else value:
+            get_iou_type(name)  # raises ValueError listing the known types
+        return value

@@ -23,7 +23,7 @@ import yaml
 
 import pipeline
 from pipeline.config.load import dump
-from pipeline.coordinator.driver import last_record
+from pipeline.coordinator.job_driver import last_record
 from pipeline.engine.jobfile import load_job
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -21,7 +21,7 @@ from pipeline.stages import get_stage_spec, list_stages
 from pipeline.stages.chain import check_columns
 
 
-def validate(data: dict, source: str, base_dir: Path | None = None) -> JobSpec:
+def validate_job(data: dict, source: str, base_dir: Path | None = None) -> JobSpec:
     """Validate a merged mapping into a JobSpec; every error names ``source`` and the key.
 
     ``base_dir``: the job file's folder, where relative file settings are looked up first.
@@ -85,4 +85,4 @@ def load_job(
         data["input"] = input
     if output is not None:
         data["output"] = output
-    return validate(data, str(path), base_dir=Path(path).parent)
+    return validate_job(data, str(path), base_dir=Path(path).parent)

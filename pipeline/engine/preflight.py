@@ -18,7 +18,7 @@ from pipeline.config.spec import JobSpec
 from pipeline.data.importers import IMAGE_EXTENSIONS
 from pipeline.data.shards import DatasetError, DatasetMeta, check_shard, list_shards, read_meta, shard_rows
 from pipeline.engine.fingerprint import diff, job_fingerprint, row_affecting, shard_stamp
-from pipeline.engine.record import read_record
+from pipeline.engine.job_record import read_record
 
 @dataclass
 class Plan:

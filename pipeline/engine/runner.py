@@ -8,7 +8,7 @@
 * :mod:`pipeline.engine.stream` -- the streaming Ray Data plan (read -> decode -> stage actors);
 * :mod:`pipeline.engine.collect` -- the driver regroups rows by input shard and writes each once;
 * :mod:`pipeline.eval` -- COCO metrics when the input has ground truth;
-* :mod:`pipeline.engine.record` -- ``OUTPUT/job.json`` (spec, state, timings, counts, metrics),
+* :mod:`pipeline.engine.job_record` -- ``OUTPUT/job.json`` (spec, state, timings, counts, metrics),
   written when the job starts and rewritten when it ends; ``on_event`` lets a caller (the cluster
   coordinator) follow the same states and the progress in between.
 """
@@ -25,11 +25,11 @@ from pipeline.data.shards import DatasetMeta, resolve, write_meta
 from pipeline.engine.collect import ShardCollector, count_finished, unmapped_warning
 from pipeline.engine.preflight import Plan, existing_outputs, preflight
 from pipeline.engine.ray_session import ensure_ray
-from pipeline.engine.record import JobCancelled, cancel_on_sigterm, emitter, error_message, now, provenance
+from pipeline.engine.job_record import JobCancelled, cancel_on_sigterm, emitter, error_message, now, provenance
 from pipeline.engine.resources import cluster_shape, resolve_resources
 from pipeline.engine.stream import build_dataset, run_local
 from pipeline.eval import evaluate
-from pipeline.eval.iou_types import iou_types_for_columns
+from pipeline.eval.iou_types import get_iou_type, iou_types_for_columns
 
 __all__ = ["JobError", "RayStartError", "error_message", "execute", "preflight", "run_job"]
 
@@ -155,13 +155,15 @@ def evaluate_output(job: JobSpec) -> dict:
     """COCO metrics of the output against the input's ground truth, if it has any.
 
     Writes ``metrics.json`` and PR-curve PNGs into the output folder (format of ``pipeline eval``)
-    and returns ``{"bbox_AP": ..., ...}`` for the summary.
+    and returns each type's headline number for the summary: ``{"bbox_AP": ..., "semantic_mIoU": ...}``
+    (the first of its ``stat_keys``).
     """
     iou_types = metric_types(job)
     if not iou_types or dataset_info(job.input)["annotations"] == 0:
         return {}
     metrics = evaluate([job.output], job.input, iou_types, out_dir=job.output)
-    return {f"{t}_AP": round(metrics[t]["AP"], 4) for t in iou_types}
+    headline = {t: get_iou_type(t).stat_keys[0] for t in iou_types}
+    return {f"{t}_{key}": round(metrics[t][key], 4) for t, key in headline.items() if metrics[t][key] is not None}
 
 
 def metric_types(job: JobSpec) -> list[str]:

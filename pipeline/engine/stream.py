@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline import schema
 from pipeline.data.decode import decode_batch
 from pipeline.data.shards import iter_shard
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.engine.preflight import Plan
 from pipeline.engine.resources import StageResources, cluster_shape, resolve_resources
 

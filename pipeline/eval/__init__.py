@@ -19,7 +19,7 @@ Modules, in data-flow order: :mod:`~pipeline.eval.groundtruth` and
 :mod:`~pipeline.eval.detections` (inputs, validation) -> :mod:`~pipeline.eval.matching`
 (per-image ``evaluateImg``) -> :mod:`~pipeline.eval.records` -> :mod:`~pipeline.eval.evaluator`
 (reset/process/evaluate) -> :mod:`~pipeline.eval.accumulate` -> :mod:`~pipeline.eval.report`;
-:mod:`~pipeline.eval.driver` runs it all; :mod:`pipeline.annotate.coco` writes COCO JSON.
+:mod:`~pipeline.eval.evaluation` runs it all; :mod:`pipeline.annotate.coco` writes COCO JSON.
 
 Example::
 
@@ -32,7 +32,7 @@ import importlib
 # Names re-exported lazily (PEP 562): ``import pipeline.eval.iou_types`` alone, as the CLI does for
 # ``--help``, must not load Ray and the matching code.
 _EXPORTS = {
-    "evaluate": "pipeline.eval.driver",
+    "evaluate": "pipeline.eval.evaluation",
     "COCOEvaluator": "pipeline.eval.evaluator",
     "IOU_TYPES": "pipeline.eval.iou_types",
     "get_iou_type": "pipeline.eval.iou_types",

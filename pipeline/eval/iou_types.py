@@ -15,11 +15,11 @@ Two kinds of entry:
   gives pycocotools' parameters, which GT counts as ignored, the fields pycocotools' per-object
   views hold, and its IoU (OKS) matrix per (image, category) group -- plus, for ``bbox``, the
   same floats for many groups at once (the hot path).
-* **self-contained** (``proposals``: class-agnostic recall): :meth:`IoUType.evaluate` does the
-  whole evaluation and returns the type's ``metrics.json`` entry. Semantic segmentation fits here
-  as one more entry: read a label-map column shard by shard, add each image's confusion matrix
-  (classes + 1 for the ignore label, as detectron2's ``SemSegEvaluator``), and turn the sum into
-  ``mIoU``/``fwIoU``/``mACC``/``pACC`` at the end; the CLI choice, the ``metrics.json`` writer and
+* **self-contained** (``proposals``: class-agnostic recall; ``semantic``: a confusion matrix per
+  shard, as detectron2's ``SemSegEvaluator``, :mod:`~pipeline.eval.semantic`):
+  :meth:`IoUType.evaluate` does the whole evaluation (its own per-shard tasks and state, if any,
+  under the ``use_state`` / ``use_ray`` options it is given) and returns the type's
+  ``metrics.json`` entry; the CLI choice, the ``metrics.json`` writer and
   :func:`iou_types_for_columns` follow from its entry.
 
 Adding a type: subclass :class:`IoUType` (or :class:`CocoIoUType`) and :func:`register` an
@@ -86,10 +86,17 @@ class IoUType:
         """What each stat averages over (a column of the printed table), or None for no such column."""
         return None
 
-    def evaluate(self, pred_paths: list[str], ground) -> dict:
+    def evaluate(self, pred_paths: list[str], ground, **options) -> dict:
         """Self-contained types: this type's ``metrics.json`` entry for ``pred_paths`` against ``ground``
-        (a :class:`~pipeline.eval.groundtruth.GroundTruth` with at least ``gt_fields`` loaded)."""
+        (a :class:`~pipeline.eval.groundtruth.GroundTruth` with at least ``gt_fields`` loaded).
+        ``options``: ``use_state``, ``use_ray``, ``task_num_cpus`` as :func:`~pipeline.eval.evaluation.evaluate`
+        got them; a type that neither saves state nor runs tasks ignores them."""
         raise NotImplementedError(f"{self.name} is evaluated by the shared per-image matching")
+
+    def has_own_ground_truth(self, ground) -> bool:
+        """Whether ``ground`` holds something this type evaluates against besides annotations
+        (a ground truth without annotations is otherwise refused)."""
+        return False
 
     def counts_text(self, counts: dict) -> str:
         """One line for ``pipeline eval``'s output from this type's ``counts``."""
@@ -123,7 +130,7 @@ class CocoIoUType(IoUType):
 
     per_image_matching = True
     stat_keys = DETECTION_STATS
-    ray_min_images = 15_000  # see pipeline.eval.driver.RAY_AUTO_MIN_IMAGES
+    ray_min_images = 15_000  # see pipeline.eval.evaluation.RAY_AUTO_MIN_IMAGES
 
     @property
     def pred_columns(self) -> tuple[str, ...]:
@@ -209,7 +216,7 @@ class BBoxType(CocoIoUType):
     name = "bbox"
     gt_fields = ("bbox",)
     det_fields = ("bbox",)
-    ray_min_images = 100_000  # matching is cheap: see pipeline.eval.driver.RAY_AUTO_MIN_IMAGES
+    ray_min_images = 100_000  # matching is cheap: see pipeline.eval.evaluation.RAY_AUTO_MIN_IMAGES
 
     def group_ious(self, groups, key, ds, dn, gs, gn):
         d = np.ascontiguousarray(groups.dets.bbox[groups.d_idx[ds : ds + dn]])
@@ -268,7 +275,7 @@ class ProposalRecall(IoUType):
     """Proposal quality as COCO-style recall: AR@100, AR@300, AR@1000, and AR by object size @1000.
 
     Class-agnostic pycocotools on boxes (``useCats = 0``, ``maxDets = [100, 300, 1000]``), in one
-    process: see :mod:`pipeline.eval.proposals`.
+    process: see :mod:`pipeline.eval.proposal_recall`.
     """
 
     name = "proposals"
@@ -284,8 +291,8 @@ class ProposalRecall(IoUType):
     def pred_columns(self):
         return (_schema().PROPOSALS,)  # PROPOSAL_SCORES when present; else proposals are taken best first
 
-    def evaluate(self, pred_paths, ground):
-        from pipeline.eval.proposals import class_agnostic_recall  # late: pyarrow, not for `pipeline --help`
+    def evaluate(self, pred_paths, ground, **options):  # one process, no state: see the module
+        from pipeline.eval.proposal_recall import class_agnostic_recall  # late: pyarrow, not for `pipeline --help`
 
         (pred,) = pred_paths  # merges_predictions is False: the driver has checked
         stats, counts = class_agnostic_recall(pred, ground, max_dets=list(self.max_dets))
@@ -293,6 +300,48 @@ class ProposalRecall(IoUType):
 
     def counts_text(self, c):
         return f"{c['images']} images ({c['images_with_proposals']} with proposals), {c['proposals']} proposals, {c['skipped']} skipped"
+
+
+class SemanticSegmentation(IoUType):
+    """Semantic segmentation as detectron2's ``SemSegEvaluator`` measures it: one confusion matrix
+    per prediction shard (Ray tasks, saved under ``PRED/eval/semantic/``), summed, then mIoU,
+    fwIoU, mACC, pACC and per-category IoU/ACC. Background (category 0) is a class; label 255 is
+    ignored. Definitions (unlabelled pixels, missing images, overlaps): :mod:`pipeline.eval.semantic`.
+    """
+
+    name = "semantic"
+    stat_keys = ("mIoU", "fwIoU", "mACC", "pACC")
+    gt_fields = ("segm",)  # instance masks -> the per-category union; or the GT's label_map column
+    ray_min_images = 2_000  # decoding + bincount of a VOC-sized image: a few ms (see evaluation.RAY_AUTO_MIN_IMAGES)
+    help = "mIoU/fwIoU/mACC/pACC of a segment stage (label maps)"
+    title = "semantic (confusion matrix over every pixel; background counted, 255 ignored)"
+
+    @property
+    def pred_columns(self):
+        s = _schema()
+        return (s.SEMANTIC_CATEGORY_IDS, s.SEMANTIC_MASKS)
+
+    @property
+    def stat_labels(self):
+        return {"mIoU": "mean over classes in the GT", "fwIoU": "weighted by GT pixels",
+                "mACC": "mean over classes in the GT", "pACC": "all labelled pixels"}
+
+    def evaluate(self, pred_paths, ground, **options):
+        from pipeline.eval.semantic import evaluate_semantic  # late: pyarrow, not for `pipeline --help`
+
+        return evaluate_semantic(pred_paths, ground, self, **options)
+
+    def has_own_ground_truth(self, ground):
+        from pipeline.eval.semantic import read_label_maps  # late: pyarrow, not for `pipeline --help`
+
+        return bool(read_label_maps(ground.source))
+
+    def counts_text(self, c):
+        return (
+            f"{self.name}: {c['images']} images ({c['images_without_predictions']} without predictions, "
+            f"{c['error_rows']} error rows), {c['pixels']} labelled pixels ({c['unlabelled_pixels']} unlabelled), "
+            f"{c['ignored_pixels']} ignored, {c['shards']} shard(s) ({c['shards_from_state']} from saved state)"
+        )
 
 
 # --- the registry -----------------------------------------------------------------------------------
@@ -331,6 +380,7 @@ def iou_types_for_columns(columns) -> list[str]:
 
 for _entry in (BBoxType(), SegmType(), KeypointsType(), ProposalRecall()):
     register(_entry)
+register(SemanticSegmentation())
 
 IOU_TYPES = tuple(_REGISTRY)
-"""The built-in names: ``bbox``, ``segm``, ``keypoints``, ``proposals``."""
+"""The built-in names: ``bbox``, ``segm``, ``keypoints``, ``proposals``, ``semantic``."""

@@ -1,6 +1,6 @@
 """What ``pipeline eval`` writes and prints.
 
-Files (in ``--out``), written by :func:`~pipeline.eval.driver.evaluate` only:
+Files (in ``--out``), written by :func:`~pipeline.eval.evaluation.evaluate` only:
 
 * ``metrics.json``: ``{iou_type: {stat: value, ..., "counts": {...}}}``, the stats of each type
   being its entry's ``stat_keys`` (:mod:`~pipeline.eval.iou_types`): the 12 COCO stats for

@@ -2,7 +2,9 @@
 
 Entries are plain data (name, builder, task, the keyword names its builder uses for the score
 threshold and the detections cap). Adding a model is one :func:`register` call; a duplicate
-name raises. torchvision's detection models are registered below under their torchvision names.
+name raises. torchvision's detection models are registered below under their torchvision names,
+and so are its semantic segmentation models (task ``semantic``: FCN, DeepLabV3, LR-ASPP; no score
+threshold or detections cap, so those two keyword names are empty).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torchvision
 from torch import nn
 
 from pipeline.models.small_rcnn import small_maskrcnn
+from pipeline.models.small_unet import small_unet
 from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint, torchvision_loads_safely
 
 
@@ -25,7 +28,7 @@ from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoi
 class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]  # builder(weights=, weights_backbone=, num_classes=, **kwargs)
-    task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints)
+    task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints), "semantic" (a label per pixel)
     score_kwarg: str
     max_dets_kwarg: str
 
@@ -38,6 +41,20 @@ def register(entry: ModelEntry) -> ModelEntry:
         raise ValueError(f"model {entry.name!r} is already registered")
     MODELS[entry.name] = entry
     return entry
+
+
+DETECTION_TASKS = ("detect", "masks", "keypoints")  # models that output boxes (stages detect/masks/keypoints, pipeline train)
+
+
+def require_detector(name: str) -> str:
+    """``name`` if it is a registered model that outputs boxes; else a ValueError saying what it is."""
+    entry = get_entry(name)
+    if entry.task not in DETECTION_TASKS:
+        raise ValueError(
+            f"model {name} is a {entry.task} model, not a detector (detectors: {', '.join(sorted(n for t in DETECTION_TASKS for n in list_models(t)))}); "
+            "semantic segmentation models run in stage 'segment'"
+        )
+    return name
 
 
 def list_models(task: str | None = None) -> list[str]:
@@ -78,8 +95,10 @@ def _accepted_kwargs(name: str, model_class: type) -> frozenset[str]:
     builder = torchvision.models.get_model_builder(name) if name in torchvision.models.list_models() else get_entry(name).builder
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    functions = [builder, GeneralizedRCNNTransform.__init__]
-    functions += [c.__init__ for c in model_class.__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
+    functions = [builder]
+    if get_entry(name).task != "semantic":  # semantic builders use their named keywords only and drop the rest
+        functions.append(GeneralizedRCNNTransform.__init__)
+        functions += [c.__init__ for c in model_class.__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
     return frozenset(
         p.name
         for fn in functions
@@ -117,8 +136,16 @@ def _register_torchvision() -> None:
         register(ModelEntry(name, _torchvision_builder(name), task, score, max_dets))
 
 
+def _register_torchvision_semantic() -> None:
+    """FCN, DeepLabV3, LR-ASPP: ``model(x)["out"]`` is (N, num_classes, H, W) logits at the input's size."""
+    for name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        register(ModelEntry(name, _torchvision_builder(name), "semantic", "", ""))
+
+
 _register_torchvision()
 register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh", "box_detections_per_img"))
+_register_torchvision_semantic()
+register(ModelEntry("small_unet", small_unet, "semantic", "", ""))
 
 
 def build_model(

@@ -14,7 +14,7 @@ is the smallest whole example):
 * the stage class: keyword-only, typed ``__init__`` (defaults from ``TheSpec.defaults()``) that
   loads the model once, and ``__call__(batch: pyarrow.Table) -> pyarrow.Table`` that appends
   exactly the spec's ``output_columns()``. It only ever sees rows without errors;
-  :mod:`pipeline.engine.actor` handles the rest.
+  :mod:`pipeline.engine.stage_actor` handles the rest.
 
 Then one ``register(TheSpec)`` line below. The loader finds the type by name, the chain check reads
 its columns, the runner builds its actor pool; nothing else in the package names it. Its docs are a
@@ -53,6 +53,7 @@ from pipeline.stages.detect import DetectSpec
 from pipeline.stages.keypoints import KeypointsSpec
 from pipeline.stages.masks import MasksSpec
 from pipeline.stages.proposals import ProposalsSpec
+from pipeline.stages.segment import SegmentSpec
 from pipeline.stages.style import StyleSpec
 
 STAGES: dict[str, type[StageSpec]] = {}
@@ -78,3 +79,4 @@ register(MasksSpec)
 register(KeypointsSpec)
 register(ProposalsSpec)
 register(StyleSpec)
+register(SegmentSpec)

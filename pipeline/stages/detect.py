@@ -34,7 +34,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pipeline import schema
 from pipeline.config.paths import path_field
 from pipeline.config.spec import StageSpec
-from pipeline.models.registry import build_model, check_state_dict, get_entry, unknown_kwargs_messages
+from pipeline.models.registry import build_model, check_state_dict, get_entry, require_detector, unknown_kwargs_messages
 from pipeline.models.weights import load_checkpoint, resolve_weights
 from pipeline.stages.columns import ragged, ragged_boxes
 from pipeline.stages.common import append_columns, batch_images, parse_boxes, prefixed, torch_device
@@ -70,8 +70,7 @@ class DetectSpec(StageSpec):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        get_entry(value)  # raises ValueError listing the known models
-        return value
+        return require_detector(value)  # raises ValueError listing the known detectors
 
     @field_validator("proposals_column")
     @classmethod

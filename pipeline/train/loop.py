@@ -23,9 +23,9 @@ import torch
 
 from pipeline.models.registry import check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import empty_sample, row_to_sample
-from pipeline.train.validate import validate
+from pipeline.train.validate import validate_checkpoint
 
 MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
@@ -188,7 +188,7 @@ def train_loop(config: dict) -> None:
                     os.path.join(folder, STATE_FILE),
                 )
                 if spec.val:
-                    metrics.update(validate(os.path.join(folder, MODEL_FILE), spec))
+                    metrics.update(validate_checkpoint(os.path.join(folder, MODEL_FILE), spec))
                 history.append(metrics)
                 with open(os.path.join(folder, HISTORY_FILE), "w", encoding="utf-8") as f:
                     json.dump(history, f, indent=2)

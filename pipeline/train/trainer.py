@@ -37,7 +37,7 @@ from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop
 from pipeline.train.reader import read_training_rows
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import label_categories
 
 RUN_NAME = "ray-train"

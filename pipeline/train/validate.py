@@ -5,7 +5,7 @@ dataset: the job spec a user would write (stage ``detect`` / ``masks`` / ``keypo
 ``weights`` file), the engine's preflight, plan and shard writer
 (:func:`pipeline.engine.runner.execute` with ``local=True``: the same read -> decode -> stage
 steps, run in this training worker instead of in Ray actor pools), and
-:func:`pipeline.eval.evaluate`. So the AP reported per epoch is the AP a user gets from
+:func:`pipeline.eval.evaluation`. So the AP reported per epoch is the AP a user gets from
 ``pipeline run`` + ``pipeline eval`` with that checkpoint -- no second code path.
 """
 
@@ -23,7 +23,7 @@ from pipeline.engine.runner import execute, metric_types
 from pipeline.eval import evaluate
 from pipeline.models.registry import get_entry
 from pipeline.stages import get_stage_spec
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 
 STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints"}  # model task -> stage type
 
@@ -47,7 +47,7 @@ def validation_job(weights: str, spec: TrainSpec, output: str, *, batch_size: in
     return JobSpec(name=f"{spec.name}-validation", input=spec.val, output=output, stages=[stage])
 
 
-def validate(weights: str, spec: TrainSpec, *, batch_size: int = 8) -> dict:
+def validate_checkpoint(weights: str, spec: TrainSpec, *, batch_size: int = 8) -> dict:
     """``{"val_bbox_AP": ..., "val_segm_AP": ...}`` of the checkpoint file ``weights`` on ``spec.val``."""
     with tempfile.TemporaryDirectory() as tmp:
         job = validation_job(weights, spec, os.path.join(tmp, "pred"), batch_size=batch_size)

@@ -71,7 +71,7 @@ def synthetic(tmp_path_factory):
     import json
 
     from pipeline.data.importers import import_coco
-    from pipeline.eval.synthetic import synthetic_case, write_predictions
+    from pipeline.eval.synthetic_cases import synthetic_case, write_predictions
 
     root = tmp_path_factory.mktemp("synthetic")
     coco, rows = synthetic_case(images=100, seed=3, detections_per_image=16, categories=6, keypoints=True)

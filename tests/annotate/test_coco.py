@@ -109,7 +109,7 @@ def test_results_round_trip_through_eval(synthetic, tmp_path):
 
 def _with_error_rows(tmp_path, *, categories, source="synthetic", info=None):
     """A small prediction dataset in which 2 rows are error rows with no size (as the decode step writes them)."""
-    from pipeline.eval.synthetic import synthetic_case, write_predictions
+    from pipeline.eval.synthetic_cases import synthetic_case, write_predictions
 
     coco, rows = synthetic_case(images=12, seed=5, detections_per_image=4, categories=3)
     rows = [r for r in rows if r[schema.ERROR] is None][:10]

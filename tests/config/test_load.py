@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config.load import ConfigError, apply_override, dump, read_yaml
 from pipeline.engine.jobfile import load_job
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 from pipeline.stages.detect import DetectSpec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture
 def coordinator(ray_local, tmp_path):
-    from pipeline.coordinator.actor import get_coordinator
+    from pipeline.coordinator.service import get_coordinator
 
     actor = get_coordinator(max_running=1, lease_s=60, records_dir=str(tmp_path / "records"))
     yield actor
@@ -44,7 +44,7 @@ def test_jobs_are_admitted_by_priority_and_records_outlive_the_driver(ray_local,
 
 def test_a_restarted_coordinator_reloads_its_records(ray_local, coordinator):
     ray = ray_local
-    from pipeline.coordinator.actor import NAME, NAMESPACE
+    from pipeline.coordinator.service import NAME, NAMESPACE
 
     ray.get(coordinator.enqueue.remote("j1", 0, {"name": "one"}))
     assert ray.get(coordinator.try_admit.remote("j1"))["admitted"]
@@ -60,7 +60,7 @@ def test_a_restarted_coordinator_reloads_its_records(ray_local, coordinator):
 @pytest.fixture
 def short_lease(ray_local, tmp_path):
     """The coordinator with a 2 s lease: a driver silent for 2 s is lost."""
-    from pipeline.coordinator.actor import get_coordinator
+    from pipeline.coordinator.service import get_coordinator
 
     actor = get_coordinator(max_running=1, lease_s=2, records_dir=str(tmp_path / "records"))
     assert ray_local.get(actor.settings.remote())["lease_s"] == 2  # not a leftover coordinator
@@ -73,7 +73,7 @@ def test_a_silent_driver_is_marked_lost_while_another_job_waits(ray_local, short
     import threading
     import time
 
-    from pipeline.coordinator.driver import ClusterJob
+    from pipeline.coordinator.job_driver import ClusterJob
 
     ray, c = ray_local, short_lease
     first = ClusterJob("a", heartbeat_s=0.2, poll_s=0.2)
@@ -113,7 +113,7 @@ def test_a_silent_driver_is_marked_lost_while_another_job_waits(ray_local, short
 def test_driver_heartbeats_at_its_interval_until_stopped(ray_local, short_lease):
     import time
 
-    from pipeline.coordinator.driver import ClusterJob
+    from pipeline.coordinator.job_driver import ClusterJob
 
     ray, c = ray_local, short_lease
     job = ClusterJob("beats", heartbeat_s=0.5, poll_s=0.2)

@@ -32,7 +32,7 @@ from pipeline.data.shards import STAMP_KEY, check_shard, list_shards, read_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.fingerprint import job_fingerprint, shard_stamp
 from pipeline.engine.preflight import preflight
-from pipeline.engine.record import read_record
+from pipeline.engine.job_record import read_record
 from tests.conftest import FAST_DETECT, REPO
 
 BUCKET = "shards"

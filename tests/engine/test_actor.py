@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.data.decode import decode_batch
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.stages.detect import DetectSpec, DetectStage
 from tests.conftest import FAST_DETECT
 

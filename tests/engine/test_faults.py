@@ -12,7 +12,7 @@ import ray.cloudpickle
 
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.record import read_record
+from pipeline.engine.job_record import read_record
 from pipeline.engine.runner import run_job
 from pipeline.stages import STAGES, register
 from tests.engine import probe_stage
@@ -39,7 +39,7 @@ def many_shards(tmp_path_factory) -> str:
 
 
 def load_probe_job(src: str, out: str, **stage):
-    from pipeline.engine.jobfile import validate
+    from pipeline.engine.jobfile import validate_job
 
     spec = {
         "name": "probe",
@@ -48,7 +48,7 @@ def load_probe_job(src: str, out: str, **stage):
         "metrics": [],
         "stages": [{"name": "probe", "type": "probe", "batch_size": 2, "num_cpus": 0.5, **stage}],
     }
-    return validate(spec, "probe.yaml")
+    return validate_job(spec, "probe.yaml")
 
 
 def stage_actor_pids(ray) -> list[int]:

@@ -22,7 +22,7 @@ from pipeline.engine.jobfile import load_job
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.preflight import preflight
-from pipeline.engine.record import read_record
+from pipeline.engine.job_record import read_record
 from pipeline.engine.runner import run_job
 from tests.conftest import FAST_DETECT, REPO
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from pipeline.data.importers import import_coco
-from pipeline.eval.synthetic import synthetic_case, write_predictions
+from pipeline.eval.synthetic_cases import synthetic_case, write_predictions
 
 
 @pytest.fixture(scope="session")

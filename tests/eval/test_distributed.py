@@ -17,7 +17,7 @@ from pipeline.data.shards import list_shards
 from pipeline.annotate.coco import export_coco
 from pipeline.eval import evaluate
 from pipeline.eval.records import load_records
-from pipeline.eval.synthetic import synthetic_case, write_predictions
+from pipeline.eval.synthetic_cases import synthetic_case, write_predictions
 
 from tests.eval.helpers import EXACT, pycocotools_eval, stats_of
 

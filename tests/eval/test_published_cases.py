@@ -2,7 +2,7 @@
 
 Ground truth is imported into shards with ``import_coco`` (image files are mostly absent, so
 most rows are error rows -- their annotations must still count), detections are evaluated with
-``pipeline.eval.evaluate`` as a COCO results file. Expected values are the README's, to 1e-12.
+``pipeline.eval.evaluation`` as a COCO results file. Expected values are the README's, to 1e-12.
 """
 
 from __future__ import annotations

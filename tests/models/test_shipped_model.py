@@ -19,7 +19,7 @@ from pipeline import schema
 from pipeline.data.decode import decode_batch
 from pipeline.data.shards import DatasetMeta, iter_shard, list_shards, read_meta, write_meta, write_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.eval import evaluate
 from pipeline.stages.masks import MasksSpec, MasksStage
 from tests.conftest import REPO

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config.load import ConfigError
-from pipeline.engine.jobfile import load_job, validate
+from pipeline.engine.jobfile import load_job, validate_job
 from pipeline.data.shards import list_shards, read_shard
 from pipeline.engine.runner import run_job
 from pipeline.stages.chain import check_columns
@@ -26,7 +26,7 @@ NEW_JOBS = ("maskrcnn.yaml", "keypoints.yaml", "rcnn_chain.yaml")
 def problems(*stages: dict) -> list[str]:
     """The loader's column-flow problems for these stages (it raises; we collect its lines)."""
     try:
-        job = validate({"name": "t", "input": "in", "output": "out", "stages": list(stages)}, "job.yaml")
+        job = validate_job({"name": "t", "input": "in", "output": "out", "stages": list(stages)}, "job.yaml")
     except ConfigError as exc:
         return [line.strip() for line in str(exc).splitlines()[1:]]
     assert check_columns(job.stages) == []

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
 from pipeline import schema
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.stages.masks import MasksSpec, MasksStage
 from tests.stages.helpers import assert_declared_types, boxes_of, make_batch, with_column
 

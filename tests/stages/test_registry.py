@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config.load import read_yaml
-from pipeline.engine.jobfile import validate
+from pipeline.engine.jobfile import validate_job
 from pipeline.config.spec import RUN_CONTEXT, StageSpec
 from pipeline.data.synth import synth_image
 from pipeline.models.transformer_net import TransformerNet
@@ -42,6 +42,7 @@ TINY: dict[str, dict] = {
     "keypoints": {"model": "keypointrcnn_resnet50_fpn", "score_threshold": 0.0, "max_detections": 2, "model_kwargs": R_CNN_64},
     "proposals": {"method": "selective_search", "top_k": 10},
     "style": {"method": "network", "model": "{checkpoint}", "format": "png"},
+    "segment": {"model": "lraspp_mobilenet_v3_large", "num_classes": 3, "resize": 64},
 }
 # Column modes beside each type's default: keys that change what a stage reads or writes.
 MODES = [
@@ -133,7 +134,7 @@ def test_every_stage_has_a_job_example(type_name):
 def test_a_new_stage_type_is_one_module_and_one_registry_line(monkeypatch, images):
     """tests/engine/probe_stage.py registered: the loader, the chain check and the actor's kwargs need nothing else."""
     monkeypatch.setitem(STAGES, ProbeSpec.type_name, ProbeSpec)
-    job = validate({"name": "t", "input": "in", "output": "out", "stages": [{"name": "probe", "fail_from": 7}]}, "job.yaml")
+    job = validate_job({"name": "t", "input": "in", "output": "out", "stages": [{"name": "probe", "fail_from": 7}]}, "job.yaml")
     spec = job.stages[0]
     assert isinstance(spec, ProbeSpec) and spec.stage_kwargs([]) == {"sleep_s": 0.0, "fail_from": 7, "fail_if_exists": None}
     out = spec.stage_class()(**spec.stage_kwargs([]))(make_batch(images))

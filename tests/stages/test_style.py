@@ -15,10 +15,10 @@ from PIL import Image
 from pipeline import schema
 from pipeline.cli import main
 from pipeline.config.load import ConfigError
-from pipeline.engine.jobfile import load_job, validate
+from pipeline.engine.jobfile import load_job, validate_job
 from pipeline.data.decode import decode_batch
 from pipeline.data.shards import list_shards, read_shard
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.engine.preflight import preflight
 from pipeline.models.transformer_net import (
     LEGACY_KEY,
@@ -202,7 +202,7 @@ def test_wrong_architecture_and_missing_checkpoint_fail_before_any_data(tmp_path
 def test_spec_is_validated_before_anything_runs():
     def error(**stage) -> str:
         with pytest.raises(ConfigError) as info:
-            validate({"name": "t", "input": "in", "output": "out", "stages": [{"name": "style", **stage}]}, "job.yaml")
+            validate_job({"name": "t", "input": "in", "output": "out", "stages": [{"name": "style", **stage}]}, "job.yaml")
         return str(info.value)
 
     assert "method network needs model" in error()
@@ -211,7 +211,7 @@ def test_spec_is_validated_before_anything_runs():
     assert "stages.0 (style).qualty: unknown key" in error(model="x.pth", qualty=80)
     assert "stages.0 (style).format" in error(model="x.pth", format="gif")
     assert "would overwrite the image column 'image'" in error(model="x.pth", column="image")
-    job = validate({"name": "t", "input": "in", "output": "out", "stages": [{"name": "style", "model": "x.pth", "num_gpus": 0.5}]}, "j")
+    job = validate_job({"name": "t", "input": "in", "output": "out", "stages": [{"name": "style", "model": "x.pth", "num_gpus": 0.5}]}, "j")
     assert job.stages[0].stage_kwargs([])["device"] == "cuda" and job.stages[0].output_columns() == {"stylized": pa.binary()}
 
 

@@ -18,7 +18,7 @@ from pipeline.data.synth import synth_dataset
 from pipeline.models.transformer_net import TransformerNet
 from pipeline.models.weights import WeightsError
 from pipeline.stages.style import StyleStage
-from pipeline.train.style import (
+from pipeline.train.train_style import (
     StyleTrainConfig,
     center_crop,
     content_batches,

@@ -10,10 +10,10 @@ from pipeline.config.load import ConfigError
 from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
 from pipeline.data.decode import decode_batch
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.stages.detect import DetectSpec, DetectStage
 from pipeline.stages.masks import MasksSpec, MasksStage
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 from pipeline.train.trainer import preflight, train
 
 pytestmark = pytest.mark.ray

@@ -13,9 +13,9 @@ from pipeline.config.load import ConfigError
 from pipeline.data.decode import decode_batch
 from pipeline.data.shards import list_shards, read_shard, write_shard
 from pipeline.data.synth import synth_dataset
-from pipeline.engine.actor import StageActor
+from pipeline.engine.stage_actor import StageActor
 from pipeline.stages.keypoints import KeypointsSpec, KeypointsStage
-from pipeline.train.spec import TrainSpec
+from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import row_to_sample
 from pipeline.train.trainer import preflight, train
 

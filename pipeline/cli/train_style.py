@@ -42,8 +42,8 @@ def train_style(style_image, content, out, steps, batch_size, image_size, style_
     Content images come from the dataset --content; the result loads in a job's style stage
     (model: OUT) and in pytorch/examples fast_neural_style.
     """
-    from pipeline.train.style import StyleTrainConfig
-    from pipeline.train.style import train_style as run_training
+    from pipeline.train.train_style import StyleTrainConfig
+    from pipeline.train.train_style import train_style as run_training
 
     config = StyleTrainConfig(
         style_image=style_image, content=content, out=out, steps=steps, batch_size=batch_size, image_size=image_size,

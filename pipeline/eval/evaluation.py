@@ -9,7 +9,7 @@ The data flow of :func:`evaluate`::
     PRED results JSON ──driver: loadRes semantics──> chunks of images ──> Ray tasks (not saved)
     GT images no prediction covers ──driver──> records (GT only: they count as misses)
     records ──COCOEvaluator.process (dedup by image id)──> evaluate() ──> metrics (+ files)
-    self-contained IoU types (proposals) ──their entry's evaluate()──> metrics
+    self-contained IoU types (proposals; semantic: its own per-shard tasks + state) ──their entry's evaluate()──> metrics
 
 The IoU types asked for are resolved once, to :mod:`~pipeline.eval.iou_types` entries, and
 ``metrics.json`` is written once, here, for all of them.
@@ -108,7 +108,7 @@ def evaluate(
             predicted in more than one is counted once (the first path wins).
         gt: a dataset with ``annotations`` or a COCO annotations JSON file.
         iou_types: names (or entries) of :mod:`~pipeline.eval.iou_types`: ``bbox``, ``segm``,
-            ``keypoints``, ``proposals`` (one prediction dataset only).
+            ``keypoints``, ``proposals`` (one prediction dataset only), ``semantic``.
         out_dir: if given, ``metrics.json`` (every type) and ``pr_<iou_type>.png`` (types matched
             per image) are written there.
         method: per-image matching, ``vectorized`` or ``pycocotools`` (identical numbers).
@@ -137,7 +137,8 @@ def evaluate(
         if len(pred_paths) > 1 and not t.merges_predictions:
             raise EvalInputError(f"--iou-type {t.name} takes one prediction dataset")
     ground = load_ground_truth(gt, **_gt_flags(types))
-    if len(ground.ann_id) == 0:  # pycocotools would print a table of -1: say why instead
+    if len(ground.ann_id) == 0 and not any(t.has_own_ground_truth(ground) for t in types):
+        # pycocotools would print a table of -1: say why instead (label maps are ground truth for semantic)
         raise EvalInputError(
             f"ground truth {gt} has no annotations ({len(ground.image_ids)} images): there is nothing to evaluate against; "
             "--gt must be a labelled dataset (e.g. pipeline data import-coco) or a COCO annotations file"
@@ -149,7 +150,8 @@ def evaluate(
             pred_paths, ground, matched, out_dir,
             method=method, use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus,
         )
-    metrics = {t.name: results[t] if t.per_image_matching else t.evaluate(pred_paths, ground) for t in types}
+    options = {"use_state": use_state, "use_ray": use_ray, "task_num_cpus": task_num_cpus}
+    metrics = {t.name: results[t] if t.per_image_matching else t.evaluate(pred_paths, ground, **options) for t in types}
     if out_dir:
         write_metrics(metrics, join(out_dir, "metrics.json"))
     return metrics

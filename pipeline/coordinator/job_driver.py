@@ -12,7 +12,7 @@ import json
 import threading
 import time
 
-from pipeline.coordinator.actor import get_coordinator
+from pipeline.coordinator.service import get_coordinator
 
 RECORD_PREFIX = "pipeline-record: "
 # Fields of the runner's record that travel to the coordinator and the logs (the spec only once).

@@ -1,0 +1,533 @@
+"""Semantic segmentation evaluation: the computation behind the ``semantic`` IoU type.
+
+The definitions are detectron2's ``SemSegEvaluator``: one confusion matrix summed over every
+pixel of every image, turned into numbers only at the end, so per-shard matrices merge exactly
+by addition. Reach it through ``evaluate([pred], gt, ["semantic"])``; the entry is
+:class:`pipeline.eval.iou_types.SemanticSegmentation`.
+
+Classes: background (category id 0, counted as a class, as in VOC) plus the ground truth's
+categories, in id order (a category with id 0 *is* the background class). ``C`` classes.
+
+The confusion matrix, ``(C + 1) x (C + 1)`` int64, ``conf[gt, pred]`` (rows: ground truth,
+columns: prediction -- detectron2 stores the transpose):
+
+* row ``C``: ground-truth pixels labelled ignore (255, VOC's "void"; crowd regions). They are
+  kept in the matrix but excluded from every metric, as in detectron2.
+* column ``C``: **unlabelled** pixels -- no predicted mask covers them, or the covering mask's
+  category is ``-1`` / not a ground-truth category (counted in ``skipped``). An unlabelled pixel
+  is wrong for every ground-truth class: it counts in its class's ground truth (lowering ACC and
+  IoU) but in no class's predictions.
+* **error rows** (the image could not be processed) and GT images that **no prediction shard
+  holds** are entirely unlabelled: every labelled pixel of theirs is a miss, as detection
+  evaluation counts the objects of such images as missed.
+
+Metrics (``tp = diag[:C]``, ``pos_gt = conf[:C, :].sum(1)``, ``pos_pred = conf[:C, :C].sum(0)``):
+``ACC_c = tp/pos_gt`` and ``IoU_c = tp/(pos_gt + pos_pred - tp)`` for classes present in the
+ground truth (``null`` -- detectron2's NaN -- otherwise); ``mIoU``/``mACC`` their means over
+those classes; ``fwIoU`` the IoU weighted by ground-truth pixel frequency; ``pACC =
+sum(tp)/sum(pos_gt)``. Fractions 0..1 (detectron2 prints them x100). With no unlabelled pixels
+these are exactly detectron2's formulas.
+
+Ground truth per image (a ``(h, w)`` map of class indices):
+
+* a ``label_map`` column (:data:`LABEL_MAP`: PNG bytes, 8-bit grey or palette read by index, pixel
+  value = category id, 255 = ignore) wins where the row has one; any other value is an error
+  naming the image;
+* otherwise the instance annotations: background everywhere, then each non-crowd annotation's
+  mask painted with its category **in annotation order, so where masks overlap the later
+  annotation wins**; then crowd regions (``iscrowd=1``) painted ignore, over everything. An
+  annotation without a segmentation has its box painted ignore (which of its pixels belong to it
+  is unknown), counted as ``gt_annotations_without_mask``.
+
+Predictions: ``semantic_category_ids`` + ``semantic_masks`` (one compressed RLE per category
+present, at the image size). A mask of another size than the image, masks that overlap, or a
+category list of another length than the masks are errors naming the shard and the image.
+An image predicted twice (in two shards or two PRED datasets) counts once: the first wins.
+
+State: each prediction shard's matrix is saved as ``PRED/eval/semantic/part-XXXXX.npz`` with the
+key it was computed against (the shard's sha256, the fingerprint of its images' ground truth and
+label maps, the classes, the images it was given); it is reused while the key matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import sys
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pycocotools import mask as mask_utils
+
+from pipeline import schema
+from pipeline.data.shards import DatasetError, join, list_shards, publish_bytes, read_shard, resolve, shard_schema
+from pipeline.eval.groundtruth import GroundTruth
+from pipeline.eval.params import EvalInputError
+
+log = logging.getLogger(__name__)
+
+LABEL_MAP = schema.LABEL_MAP
+
+IGNORE = schema.SEMANTIC_IGNORE
+STATE_DIR = "eval"
+STATE_VERSION = 1  # bump when the matrix layout or its meaning changes (invalidates saved state)
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class Classes:
+    """Background (id 0) + the ground truth's categories, by id; index ``len(ids)`` is ignore/unlabelled."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @staticmethod
+    def from_categories(categories: list[dict]) -> Classes:
+        by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+        by_id.setdefault(0, BACKGROUND)
+        ids = tuple(sorted(by_id))
+        names = [by_id[i] for i in ids]
+        dup = {n for n in names if names.count(n) > 1}
+        return Classes(ids=ids, names=tuple(f"{n} ({i})" if n in dup else n for i, n in zip(ids, names)))
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def index(self) -> dict[int, int]:
+        return {c: k for k, c in enumerate(self.ids)}
+
+    def label_lut(self) -> np.ndarray:
+        """uint8 label-map value -> class index (``n`` for 255), -1 where the value is no category."""
+        lut = np.full(256, -1, np.int64)
+        for k, c in enumerate(self.ids):
+            if 0 <= c < IGNORE:
+                lut[c] = k
+        lut[IGNORE] = self.n
+        return lut
+
+
+# --- one image ------------------------------------------------------------------------------------
+
+
+def decode_png_label_map(data: bytes, *, where: str) -> np.ndarray:
+    """PNG bytes -> (h, w) uint8 values; palette PNGs are read by index (as VOC stores them)."""
+    from PIL import Image  # late: only label-map ground truth needs it
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "P"):
+                raise EvalInputError(f"{where}: label map is a {im.mode} image; expected 8-bit grey or palette (values = category ids)")
+            return np.asarray(im, dtype=np.uint8)
+    except EvalInputError:
+        raise
+    except Exception as exc:  # PIL raises many types for broken files
+        raise EvalInputError(f"{where}: cannot read the label map PNG: {exc}") from exc
+
+
+def gt_from_label_map(values: np.ndarray, classes: Classes, *, where: str) -> np.ndarray:
+    """Label-map values (category ids, 255 ignore) -> class indices; a value that is no category is an error."""
+    idx = classes.label_lut()[values]
+    if (idx < 0).any():
+        bad = sorted(set(values[idx < 0].tolist()))
+        raise EvalInputError(f"{where}: label map value(s) {bad[:5]} are not categories of the ground truth (nor 255 = ignore)")
+    return idx
+
+
+def _decode_segm(segm, h: int, w: int, *, where: str) -> np.ndarray:
+    """COCO polygons / RLE (compressed or not) -> (h, w) bool."""
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    elif isinstance(segm, dict):
+        size = [int(v) for v in segm.get("size") or []]
+        if size != [h, w]:
+            raise EvalInputError(f"{where}: segmentation RLE size {size} is not the image size [{h}, {w}]")
+        counts = segm.get("counts")
+        rle = mask_utils.frPyObjects(segm, h, w) if isinstance(counts, list) else {"size": size, "counts": str(counts).encode()}
+    else:
+        raise EvalInputError(f"{where}: unreadable segmentation {type(segm).__name__}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def gt_from_annotations(ground: GroundTruth, image_id: int, h: int, w: int, classes: Classes, counts: Counter) -> np.ndarray:
+    """Class indices of one image from its instance annotations (see the module docstring for the rules)."""
+    lo, hi = np.searchsorted(ground.ann_image, [image_id, image_id + 1])
+    index = classes.index()
+    out = np.full((h, w), index[0], np.int64)
+    crowd = []
+    for a in range(lo, hi):
+        where = f"{ground.source}: image_id {image_id}, annotation id {int(ground.ann_id[a])}"
+        segm = ground.ann_segm[a] if ground.ann_segm is not None else None
+        if segm is None:
+            counts["gt_annotations_without_mask"] += 1
+            x, y, bw, bh = ground.ann_bbox[a]
+            if np.isfinite([x, y, bw, bh]).all():
+                out[max(int(np.floor(y)), 0) : max(int(np.ceil(y + bh)), 0), max(int(np.floor(x)), 0) : max(int(np.ceil(x + bw)), 0)] = classes.n
+            continue
+        m = _decode_segm(segm, h, w, where=where)
+        if ground.ann_iscrowd[a]:
+            crowd.append(m)
+        else:
+            out[m] = index[int(ground.ann_category[a])]  # later annotations win where masks overlap
+    for m in crowd:
+        out[m] = classes.n
+    return out
+
+
+def prediction_indices(ids, masks, h: int, w: int, classes: Classes, counts: Counter, *, where: str) -> np.ndarray:
+    """Class indices of one predicted image (``classes.n`` = unlabelled)."""
+    ids, masks = list(ids or []), list(masks or [])
+    if len(ids) != len(masks):
+        raise EvalInputError(f"{where}: {len(ids)} {schema.SEMANTIC_CATEGORY_IDS} but {len(masks)} {schema.SEMANTIC_MASKS}")
+    index = classes.index()
+    out = np.full((h, w), classes.n, np.int64)
+    covered = np.zeros((h, w), bool)
+    for n, (c, rle) in enumerate(zip(ids, masks)):
+        what = f"{where}: semantic mask {n} (category {c})"
+        if rle is None or rle.get("size") is None or rle.get("counts") is None:
+            raise EvalInputError(f"{what}: null mask")
+        size = [int(v) for v in rle["size"]]
+        if size != [h, w]:
+            raise EvalInputError(f"{what} is {size[0] if size else '?'}x{size[1] if len(size) > 1 else '?'}, the image is {h}x{w}")
+        try:
+            m = mask_utils.decode({"size": size, "counts": rle["counts"].encode()}).astype(bool)
+        except Exception as exc:  # pycocotools raises bare errors on malformed counts
+            raise EvalInputError(f"{what}: unreadable RLE: {exc}") from exc
+        if m.shape != (h, w):
+            raise EvalInputError(f"{what}: RLE decodes to {m.shape}, the image is {h}x{w}")
+        if (covered & m).any():
+            raise EvalInputError(f"{what} overlaps an earlier mask of the image; semantic masks must not overlap")
+        covered |= m
+        if c is None or int(c) == -1:
+            counts["unmapped_category_masks"] += 1
+        elif int(c) not in index:
+            counts["unknown_category_masks"] += 1
+        else:
+            out[m] = index[int(c)]
+    return out
+
+
+def confusion(gt: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``conf[gt, pred]`` pixel counts, ``(n + 1) x (n + 1)`` int64 (index ``n``: ignore / unlabelled)."""
+    n = n_classes + 1
+    return np.bincount((gt.reshape(-1) * n + pred.reshape(-1)), minlength=n * n).reshape(n, n).astype(np.int64)
+
+
+# --- the metrics ----------------------------------------------------------------------------------
+
+
+def semantic_metrics(conf: np.ndarray, classes: Classes) -> dict:
+    """detectron2 ``SemSegEvaluator.evaluate``'s numbers (as fractions) from a summed matrix.
+
+    Returns ``{"mIoU", "fwIoU", "mACC", "pACC", "per_category": {name: {"IoU", "ACC"}}}``; a
+    value detectron2 gives as NaN (a class without ground truth; no labelled pixel at all) is None.
+    """
+    C = classes.n
+    conf = np.asarray(conf, np.float64)
+    tp = conf.diagonal()[:C]
+    pos_gt = conf[:C, :].sum(axis=1)  # every prediction of a labelled pixel, unlabelled included
+    pos_pred = conf[:C, :C].sum(axis=0)  # predictions of each class on labelled pixels
+    acc = np.full(C, np.nan)
+    iou = np.full(C, np.nan)
+    acc_valid = pos_gt > 0
+    acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
+    union = pos_gt + pos_pred - tp
+    iou_valid = acc_valid & (union > 0)
+    iou[iou_valid] = tp[iou_valid] / union[iou_valid]
+    total = pos_gt.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = pos_gt / total
+        macc = acc[acc_valid].sum() / acc_valid.sum()
+        miou = iou[iou_valid].sum() / iou_valid.sum()
+        fwiou = (iou[iou_valid] * weights[iou_valid]).sum() if total > 0 else np.nan
+        pacc = tp.sum() / total
+    return {
+        "mIoU": _num(miou), "fwIoU": _num(fwiou), "mACC": _num(macc), "pACC": _num(pacc),
+        "per_category": {name: {"IoU": _num(iou[k]), "ACC": _num(acc[k])} for k, name in enumerate(classes.names)},
+    }
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+# --- per shard: plan, compute (in a Ray task or here), save ------------------------------------------
+
+
+@dataclass
+class SemUnit:
+    """One prediction shard and the images it is counted for (its first claim on each)."""
+
+    source: str
+    image_ids: np.ndarray  # claimed ids, sorted
+    shard_sha256: str
+    state_path: str
+    key: str
+    conf: np.ndarray | None = None
+    counts: Counter = field(default_factory=Counter)
+    cached: bool = False
+
+
+def evaluate_semantic(
+    pred_paths: list[str], ground: GroundTruth, iou_type, *,
+    use_state: bool = True, use_ray: bool | None = None, task_num_cpus: float = 0.9,
+) -> dict:
+    """The ``semantic`` entry of ``metrics.json`` for ``pred_paths`` (prediction datasets) against ``ground``."""
+    classes = Classes.from_categories(ground.categories)
+    label_maps = read_label_maps(ground.source)
+    units = _plan(pred_paths, ground, label_maps, classes, iou_type, use_state=use_state)
+    pending = [u for u in units if u.conf is None]
+    ray_tasks = _run(pending, ground, label_maps, classes, iou_type,
+                     use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus)
+    n = classes.n + 1
+    total = np.zeros((n, n), np.int64)
+    counts: Counter = Counter()
+    for u in units:
+        total += u.conf
+        counts.update(u.counts)
+    claimed = np.concatenate([u.image_ids for u in units]) if units else np.zeros(0, np.int64)
+    uncovered = np.setdiff1d(ground.image_ids, claimed)
+    if len(uncovered):  # GT images no prediction holds: every labelled pixel is a miss
+        conf, c = _shard_matrix(None, ground.subset(uncovered), _subset(label_maps, uncovered), classes, uncovered, where="")
+        total += conf
+        counts.update(c)
+    result = semantic_metrics(total, classes)
+    skipped = {k: int(counts[k]) for k in sorted(counts) if k in _SKIP_KEYS and counts[k]}
+    result["counts"] = {
+        "images": int(len(ground.image_ids)),
+        "images_without_predictions": int(len(uncovered)),
+        "error_rows": int(counts["error_rows"]),
+        "pixels": int(total[: classes.n, :].sum()),
+        "ignored_pixels": int(total[classes.n, :].sum()),
+        "unlabelled_pixels": int(total[: classes.n, classes.n].sum()),
+        "gt_label_maps": int(counts["gt_label_maps"]),
+        "gt_annotations_without_mask": int(counts["gt_annotations_without_mask"]),
+        "skipped": skipped,
+        "shards": len(units),
+        "shards_from_state": sum(1 for u in units if u.cached),
+        "ray_tasks": ray_tasks,
+    }
+    return result
+
+
+_SKIP_KEYS = ("unmapped_category_masks", "unknown_category_masks", "null_prediction_rows", "duplicate_images", "duplicate_image_rows")
+
+
+def read_label_maps(gt_path: str) -> dict[int, bytes]:
+    """``image_id -> PNG bytes`` of a ground-truth dataset's :data:`LABEL_MAP` column (non-null rows only);
+    empty for a COCO file or a dataset without the column."""
+    if gt_path.endswith(".json") and "://" not in gt_path and os.path.isfile(gt_path):
+        return {}
+    out: dict[int, bytes] = {}
+    for shard in list_shards(gt_path):
+        if LABEL_MAP not in shard_schema(shard).names:
+            continue
+        table = read_shard(shard, columns=[schema.IMAGE_ID, LABEL_MAP])
+        for image_id, data in zip(table[schema.IMAGE_ID].to_pylist(), table[LABEL_MAP].to_pylist()):
+            if data is not None:
+                out[int(image_id)] = data
+    return out
+
+
+def _subset(label_maps: dict[int, bytes], ids) -> dict[int, bytes]:
+    return {int(i): label_maps[int(i)] for i in ids if int(i) in label_maps}
+
+
+def _read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
+
+
+def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state) -> list[SemUnit]:
+    units, seen = [], np.zeros(0, np.int64)
+    for path in pred_paths:
+        if path.endswith(".json") and "://" not in path and os.path.isfile(path):
+            raise EvalInputError(f"{path}: --iou-type semantic reads a prediction dataset (a segment stage's output), not a results file")
+        for shard in list_shards(path):
+            data = _read_bytes(shard)
+            try:
+                ids = pq.read_table(pa.BufferReader(data), columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
+            except (pa.ArrowInvalid, KeyError) as exc:
+                raise EvalInputError(f"{shard}: not a prediction shard ({exc})") from exc
+            ids = np.unique(ids.to_numpy().astype(np.int64))
+            unknown = ids[~ground.has_images(ids)]
+            if len(unknown):
+                raise EvalInputError(
+                    f"{shard}: image_id {int(unknown[0])} is not in the ground truth {ground.source} "
+                    f"({len(unknown)} such image(s)); is this the right --gt?"
+                )
+            claimed = np.setdiff1d(ids, seen, assume_unique=True)
+            seen = np.union1d(seen, claimed)
+            sha = hashlib.sha256(data).hexdigest()
+            lm = hashlib.sha256()
+            for i in claimed.tolist():
+                lm.update(f"{i}:".encode() + hashlib.sha256(label_maps.get(i, b"")).digest())
+            payload = {
+                "version": STATE_VERSION, "shard_sha256": sha, "classes": list(classes.ids),
+                "gt": ground.subset(claimed).fingerprint(iou_type), "label_maps": lm.hexdigest(),
+                "images": hashlib.sha256(claimed.tobytes()).hexdigest(),
+            }
+            key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+            root = posixpath.dirname(shard) if "://" not in shard else shard.rsplit("/", 1)[0]
+            stem = posixpath.basename(shard).rsplit(".", 1)[0]
+            unit = SemUnit(source=shard, image_ids=claimed, shard_sha256=sha, key=key,
+                           state_path=join(join(join(root, STATE_DIR), iou_type.name), f"{stem}.npz"))
+            if len(claimed) < len(ids):
+                unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
+            if use_state:
+                loaded = load_state(unit.state_path)
+                if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (classes.n + 1,) * 2:
+                    unit.conf, unit.cached = loaded[0], True
+                    unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
+            units.append(unit)
+    return units
+
+
+def _shard_matrix(table, gt: GroundTruth, label_maps, classes: Classes, image_ids: np.ndarray, *, where: str):
+    """The summed matrix of ``image_ids`` (each once) from prediction ``table`` rows (None: no predictions)."""
+    n = classes.n + 1
+    conf = np.zeros((n, n), np.int64)
+    counts: Counter = Counter()
+    rows, cols = {}, {}
+    if table is not None:
+        wanted = set(image_ids.tolist())
+        cols = {c: table[c].to_pylist() if c in table.column_names else [None] * table.num_rows
+                for c in (schema.IMAGE_ID, schema.ERROR, schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS)}
+        for r in range(table.num_rows):
+            i = cols[schema.IMAGE_ID][r]
+            if i not in wanted:
+                continue  # claimed by an earlier shard (counted by the planner)
+            if i in rows:
+                counts["duplicate_image_rows"] += 1
+                continue
+            rows[i] = r
+    for image_id in image_ids.tolist():
+        h, w = (int(v[0]) for v in gt.image_size(np.array([image_id])))
+        here = f"{where or gt.source}: image_id {image_id}"
+        if image_id in label_maps:
+            values = decode_png_label_map(label_maps[image_id], where=f"{gt.source}: image_id {image_id}")
+            if h > 0 and w > 0 and values.shape != (h, w):
+                raise EvalInputError(f"{gt.source}: image_id {image_id}: label map is {values.shape[0]}x{values.shape[1]}, the image is {h}x{w}")
+            h, w = values.shape
+            gt_idx = gt_from_label_map(values, classes, where=f"{gt.source}: image_id {image_id}")
+            counts["gt_label_maps"] += 1
+        else:
+            if h <= 0 or w <= 0:
+                h, w = _size_from_prediction(table, rows.get(image_id), here)
+            gt_idx = gt_from_annotations(gt, image_id, h, w, classes, counts)
+        r = rows.get(image_id)
+        if r is None or cols[schema.ERROR][r] is not None or cols[schema.SEMANTIC_MASKS][r] is None:
+            if r is not None and cols[schema.ERROR][r] is not None:
+                counts["error_rows"] += 1
+            elif r is not None:
+                counts["null_prediction_rows"] += 1
+            pred_idx = np.full((h, w), classes.n, np.int64)  # all unlabelled: every labelled pixel is a miss
+        else:
+            pred_idx = prediction_indices(cols[schema.SEMANTIC_CATEGORY_IDS][r], cols[schema.SEMANTIC_MASKS][r],
+                                          h, w, classes, counts, where=here)
+        conf += confusion(gt_idx, pred_idx, classes.n)
+    return conf, counts
+
+
+def _size_from_prediction(table, r, where) -> tuple[int, int]:
+    masks = table[schema.SEMANTIC_MASKS][r].as_py() if table is not None and r is not None else None
+    if masks:
+        return tuple(int(v) for v in masks[0]["size"])
+    raise EvalInputError(f"{where}: the ground truth has no image size and no label map or prediction gives one")
+
+
+def semantic_unit(unit: SemUnit, gt: GroundTruth, label_maps: dict[int, bytes], classes: Classes, *, use_state: bool):
+    """The work of one task: read and check the shard, sum its matrix, save state. Returns (conf, counts, warnings)."""
+    data = _read_bytes(unit.source)
+    if hashlib.sha256(data).hexdigest() != unit.shard_sha256:
+        raise EvalInputError(f"{unit.source}: the shard changed while it was being evaluated; run again")
+    table = pq.read_table(pa.BufferReader(data))
+    for column in (schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS):
+        if column not in table.column_names:
+            raise EvalInputError(f"{unit.source}: no {column!r} column; run a segment stage first")
+    conf, counts = _shard_matrix(table, gt, label_maps, classes, unit.image_ids, where=unit.source)
+    counts.update(unit.counts)  # duplicate images found by the planner
+    warnings = []
+    if use_state:
+        meta = {"key": unit.key, "shard": unit.source, "counts": dict(counts)}
+        try:
+            save_state(unit.state_path, conf, meta)
+        except OSError as exc:
+            warnings.append(f"could not save evaluation state {unit.state_path}: {exc}")
+    return conf, counts, warnings
+
+
+def _run(pending, ground, label_maps, classes, iou_type, *, use_state, use_ray, task_num_cpus) -> int:
+    """Fill ``conf``/``counts`` of every pending unit (Ray tasks or here); returns how many Ray tasks ran."""
+    jobs = [(u, ground.subset(u.image_ids), _subset(label_maps, u.image_ids)) for u in pending]
+    if not jobs:
+        return 0
+    if use_ray is None:  # as pipeline.eval.evaluation decides it for the other types
+        ray = sys.modules.get("ray")
+        running = ray is not None and ray.is_initialized()
+        use_ray = running or sum(len(u.image_ids) for u in pending) >= iou_type.ray_min_images
+    in_process = not use_ray or len(jobs) == 1
+    if in_process:
+        results = [semantic_unit(u, g, lm, classes, use_state=use_state) for u, g, lm in jobs]
+    else:
+        results = _run_on_ray(jobs, classes, use_state=use_state, task_num_cpus=task_num_cpus)
+    for unit, (conf, counts, warnings) in zip(pending, results):
+        unit.conf, unit.counts = conf, counts
+        for w in warnings:
+            log.warning(w)
+    return 0 if in_process else len(jobs)
+
+
+def _run_on_ray(jobs, classes, *, use_state, task_num_cpus):
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        # address="local": our own instance, never an unrelated cluster found on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        task = ray.remote(semantic_unit).options(num_cpus=task_num_cpus)
+        refs = [task.remote(u, g, lm, classes, use_state=use_state) for u, g, lm in jobs]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, (EvalInputError, DatasetError)):
+                raise type(cause)(*cause.args) from None  # the image-naming message, not a traceback
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def save_state(path: str, conf: np.ndarray, meta: dict) -> None:
+    """Write one shard's matrix + meta atomically (``publish_bytes``)."""
+    buf = io.BytesIO()
+    np.savez(buf, conf=np.asarray(conf, np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    publish_bytes(fs, p, buf.getvalue())
+
+
+def load_state(path: str) -> tuple[np.ndarray, dict] | None:
+    """(matrix, meta) saved at ``path``; None if absent or unreadable (then recompute)."""
+    fs, p = resolve(path)
+    try:
+        with fs.open_input_stream(p) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+            return np.asarray(npz["conf"], np.int64), json.loads(str(npz["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
