@@ -28,17 +28,12 @@ import json
 import logging
 import math
 import os
-import posixpath
-import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.data.shards import DatasetError, join, list_shards, resolve
+from pipeline.data.shards import join, list_shards
 from pipeline.eval.detections import Detections, read_prediction_table, results_to_detections
 from pipeline.eval.evaluator import COCOEvaluator
 from pipeline.eval.groundtruth import GroundTruth, load_ground_truth
@@ -47,10 +42,10 @@ from pipeline.eval.matching import match_images
 from pipeline.eval.params import EvalInputError
 from pipeline.eval.records import MatchRecords, load_records, save_records
 from pipeline.eval.report import plot_pr_curves, write_metrics
+from pipeline.eval.shard_tasks import is_results_file, read_checked_table, read_shard_image_ids, run_tasks, state_path, want_ray
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "eval"
 TASK_NUM_CPUS = 0.9  # leaves Ray a sliver of CPU for anything else scheduled beside us
 JSON_CHUNK_MIN_IMAGES = 50
 RAY_AUTO_MIN_IMAGES = {
@@ -206,37 +201,19 @@ def _evaluate_matched(
 # --- planning --------------------------------------------------------------------------------------
 
 
-def _is_results_file(path: str) -> bool:
-    return path.endswith(".json") and "://" not in path and os.path.isfile(path)
-
-
 def _plan_units(pred_paths: list[str], ground: GroundTruth, iou_types: list[CocoIoUType], *, use_state: bool) -> list[Unit]:
     units: list[Unit] = []
     params = {t: t.params_fingerprint() for t in iou_types}
     for path in pred_paths:
-        if _is_results_file(path):
+        if is_results_file(path):
             units += _results_units(path, ground, iou_types)
             continue
-        shards = list_shards(path)
-        for shard in shards:
-            data = _read_bytes(shard)
-            try:
-                ids = pq.read_table(pa.BufferReader(data), columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
-            except (pa.ArrowInvalid, KeyError) as exc:
-                raise EvalInputError(f"{shard}: not a prediction shard ({exc})") from exc
-            ids = np.unique(ids.to_numpy().astype(np.int64))
-            unknown = ids[~ground.has_images(ids)]
-            if len(unknown):
-                raise EvalInputError(
-                    f"{shard}: image_id {int(unknown[0])} is not in the ground truth {ground.source} "
-                    f"({len(unknown)} such image(s)); is this the right --gt?"
-                )
+        for shard in list_shards(path):
+            data, ids = read_shard_image_ids(shard, ground)
             unit = Unit(source=shard, image_ids=ids, shard_sha256=hashlib.sha256(data).hexdigest())
             subset = ground.subset(ids)
-            root = posixpath.dirname(shard) if "://" not in shard else shard.rsplit("/", 1)[0]
-            stem = posixpath.basename(shard).rsplit(".", 1)[0]
             for t in iou_types:
-                unit.state_paths[t] = join(join(join(root, STATE_DIR), t.name), f"{stem}.npz")
+                unit.state_paths[t] = state_path(shard, t.name)
                 gt_fp = subset.fingerprint(t)
                 unit.keys[t] = {
                     "key": hashlib.sha256(f"{unit.shard_sha256}:{gt_fp}:{params[t]}".encode()).hexdigest()[:32],
@@ -252,15 +229,6 @@ def _plan_units(pred_paths: list[str], ground: GroundTruth, iou_types: list[Coco
                         unit.cached.add(t)
             units.append(unit)
     return units
-
-
-def _read_bytes(path: str) -> bytes:
-    fs, p = resolve(path)
-    try:
-        with fs.open_input_stream(p) as f:
-            return f.read()
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
 
 
 def _results_units(path: str, ground: GroundTruth, iou_types: list[CocoIoUType]) -> list[Unit]:
@@ -303,11 +271,8 @@ def match_unit(
     if unit.detections is not None:
         dets, image_ids, skipped = unit.detections, unit.image_ids, Counter(unit.skipped)
     else:
-        data = _read_bytes(unit.source)
-        if hashlib.sha256(data).hexdigest() != unit.shard_sha256:
-            raise EvalInputError(f"{unit.source}: the shard changed while it was being evaluated; run again")
         shard = read_prediction_table(
-            pq.read_table(pa.BufferReader(data)),
+            read_checked_table(unit.source, unit.shard_sha256),
             source=unit.source,
             gt=gt,
             category_ids=set(gt.category_ids.tolist()),
@@ -332,54 +297,18 @@ def _run_units(pending, ground, iou_types, *, method, use_state, use_ray, task_n
     for unit in pending:
         todo = [t for t in iou_types if t not in unit.records]
         # what the task needs, not records already loaded from state
-        jobs.append((replace(unit, records={}, cached=set()), todo, ground.subset(unit.image_ids)))
+        jobs.append((replace(unit, records={}, cached=set()), ground.subset(unit.image_ids), todo))  # match_unit's arguments
     if not jobs:
         return 0
-    if use_ray is None:
-        # Ray can only be initialised in this process if it was imported: importing it just to ask
-        # costs ~2 s of a cold command
-        ray = sys.modules.get("ray")
-        running = ray is not None and ray.is_initialized()
-        todo_types = {t for _, todo, _ in jobs for t in todo}
-        threshold = min(t.ray_min_images for t in todo_types)
-        use_ray = running or sum(len(u.image_ids) for u in pending) >= threshold
-    in_process = not use_ray or len(jobs) == 1
-    if in_process:
-        results = [match_unit(u, g, todo, method=method, use_state=use_state) for u, todo, g in jobs]
-    else:
-        results = _run_on_ray(jobs, method=method, use_state=use_state, task_num_cpus=task_num_cpus)
+    min_images = min(t.ray_min_images for _, _, todo in jobs for t in todo)
+    use_ray = want_ray(use_ray, sum(len(u.image_ids) for u in pending), min_images)
+    results, ray_tasks = run_tasks(match_unit, jobs, use_ray=use_ray, task_num_cpus=task_num_cpus, method=method, use_state=use_state)
     for unit, (records, skipped, warnings) in zip(pending, results):
         unit.records.update(records)
         unit.skipped = skipped
         for w in warnings:
             log.warning(w)
-    return 0 if in_process else len(jobs)
-
-
-def _run_on_ray(jobs, *, method, use_state, task_num_cpus):
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        # address="local": our own instance, never an unrelated cluster found on this machine
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        task = ray.remote(match_unit).options(num_cpus=task_num_cpus)
-        refs = [task.remote(u, g, todo, method=method, use_state=use_state) for u, todo, g in jobs]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, (EvalInputError, DatasetError)):
-                raise type(cause)(*cause.args) from None  # the record-naming message, not a traceback
-            raise
-    finally:
-        if started:
-            ray.shutdown()
-
-
-# --- reporting -----------------------------------------------------------------------------------------
+    return ray_tasks
 
 
 def _by_name(per_category: dict[int, float], categories: list[dict]) -> dict[str, float]:

@@ -57,27 +57,24 @@ import json
 import logging
 import os
 import posixpath
-import sys
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from pipeline import schema
-from pipeline.data.shards import DatasetError, join, list_shards, publish_bytes, read_shard, resolve, shard_schema
+from pipeline.data.shards import list_shards, publish_bytes, read_shard, resolve, shard_schema
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
+from pipeline.eval.shard_tasks import is_results_file, read_checked_table, read_shard_image_ids, run_tasks, state_path, want_ray
 
 log = logging.getLogger(__name__)
 
 LABEL_MAP = schema.LABEL_MAP
 
 IGNORE = schema.SEMANTIC_IGNORE
-STATE_DIR = "eval"
 STATE_VERSION = 1  # bump when the matrix layout or its meaning changes (invalidates saved state)
 BACKGROUND = "background"
 
@@ -342,33 +339,13 @@ def _subset(label_maps: dict[int, bytes], ids) -> dict[int, bytes]:
     return {int(i): label_maps[int(i)] for i in ids if int(i) in label_maps}
 
 
-def _read_bytes(path: str) -> bytes:
-    fs, p = resolve(path)
-    try:
-        with fs.open_input_stream(p) as f:
-            return f.read()
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
-
-
 def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state) -> list[SemUnit]:
     units, seen = [], np.zeros(0, np.int64)
     for path in pred_paths:
-        if path.endswith(".json") and "://" not in path and os.path.isfile(path):
+        if is_results_file(path):
             raise EvalInputError(f"{path}: --iou-type semantic reads a prediction dataset (a segment stage's output), not a results file")
         for shard in list_shards(path):
-            data = _read_bytes(shard)
-            try:
-                ids = pq.read_table(pa.BufferReader(data), columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
-            except (pa.ArrowInvalid, KeyError) as exc:
-                raise EvalInputError(f"{shard}: not a prediction shard ({exc})") from exc
-            ids = np.unique(ids.to_numpy().astype(np.int64))
-            unknown = ids[~ground.has_images(ids)]
-            if len(unknown):
-                raise EvalInputError(
-                    f"{shard}: image_id {int(unknown[0])} is not in the ground truth {ground.source} "
-                    f"({len(unknown)} such image(s)); is this the right --gt?"
-                )
+            data, ids = read_shard_image_ids(shard, ground)
             claimed = np.setdiff1d(ids, seen, assume_unique=True)
             seen = np.union1d(seen, claimed)
             sha = hashlib.sha256(data).hexdigest()
@@ -381,10 +358,7 @@ def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state) -> li
                 "images": hashlib.sha256(claimed.tobytes()).hexdigest(),
             }
             key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-            root = posixpath.dirname(shard) if "://" not in shard else shard.rsplit("/", 1)[0]
-            stem = posixpath.basename(shard).rsplit(".", 1)[0]
-            unit = SemUnit(source=shard, image_ids=claimed, shard_sha256=sha, key=key,
-                           state_path=join(join(join(root, STATE_DIR), iou_type.name), f"{stem}.npz"))
+            unit = SemUnit(source=shard, image_ids=claimed, shard_sha256=sha, key=key, state_path=state_path(shard, iou_type.name))
             if len(claimed) < len(ids):
                 unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
             if use_state:
@@ -451,10 +425,7 @@ def _size_from_prediction(table, r, where) -> tuple[int, int]:
 
 def semantic_unit(unit: SemUnit, gt: GroundTruth, label_maps: dict[int, bytes], classes: Classes, *, use_state: bool):
     """The work of one task: read and check the shard, sum its matrix, save state. Returns (conf, counts, warnings)."""
-    data = _read_bytes(unit.source)
-    if hashlib.sha256(data).hexdigest() != unit.shard_sha256:
-        raise EvalInputError(f"{unit.source}: the shard changed while it was being evaluated; run again")
-    table = pq.read_table(pa.BufferReader(data))
+    table = read_checked_table(unit.source, unit.shard_sha256)
     for column in (schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS):
         if column not in table.column_names:
             raise EvalInputError(f"{unit.source}: no {column!r} column; run a segment stage first")
@@ -475,43 +446,13 @@ def _run(pending, ground, label_maps, classes, iou_type, *, use_state, use_ray, 
     jobs = [(u, ground.subset(u.image_ids), _subset(label_maps, u.image_ids)) for u in pending]
     if not jobs:
         return 0
-    if use_ray is None:  # as pipeline.eval.evaluation decides it for the other types
-        ray = sys.modules.get("ray")
-        running = ray is not None and ray.is_initialized()
-        use_ray = running or sum(len(u.image_ids) for u in pending) >= iou_type.ray_min_images
-    in_process = not use_ray or len(jobs) == 1
-    if in_process:
-        results = [semantic_unit(u, g, lm, classes, use_state=use_state) for u, g, lm in jobs]
-    else:
-        results = _run_on_ray(jobs, classes, use_state=use_state, task_num_cpus=task_num_cpus)
+    use_ray = want_ray(use_ray, sum(len(u.image_ids) for u in pending), iou_type.ray_min_images)
+    results, ray_tasks = run_tasks(semantic_unit, jobs, use_ray=use_ray, task_num_cpus=task_num_cpus, classes=classes, use_state=use_state)
     for unit, (conf, counts, warnings) in zip(pending, results):
         unit.conf, unit.counts = conf, counts
         for w in warnings:
             log.warning(w)
-    return 0 if in_process else len(jobs)
-
-
-def _run_on_ray(jobs, classes, *, use_state, task_num_cpus):
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        # address="local": our own instance, never an unrelated cluster found on this machine
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        task = ray.remote(semantic_unit).options(num_cpus=task_num_cpus)
-        refs = [task.remote(u, g, lm, classes, use_state=use_state) for u, g, lm in jobs]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, (EvalInputError, DatasetError)):
-                raise type(cause)(*cause.args) from None  # the image-naming message, not a traceback
-            raise
-    finally:
-        if started:
-            ray.shutdown()
+    return ray_tasks
 
 
 def save_state(path: str, conf: np.ndarray, meta: dict) -> None:
