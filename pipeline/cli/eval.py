@@ -71,9 +71,9 @@ def _iou_type_help() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json content instead of tables.")
 @user_errors
 def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -> None:
-    """Evaluate predictions against ground truth (COCO AP/AR, proposal recall, semantic mIoU).
+    """Evaluate predictions against ground truth.
 
-    PRED is a prediction dataset (job output) or a COCO results JSON file; give several to merge
+    COCO AP/AR (bbox, segm, keypoints), proposal recall, or semantic segmentation mIoU. PRED is a prediction dataset (job output) or a COCO results JSON file; give several to merge
     runs (an image predicted twice counts once). COCO numbers equal pycocotools' COCOeval; semantic
     follows detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC).
     """
