@@ -8,6 +8,7 @@ which catches xywh boxes fed to a stage by mistake.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -100,52 +101,86 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
-def crop_run_lengths(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
-    """COCO's uncompressed RLE counts of a ``height x width`` mask that is zero outside one crop.
-
-    ``crop`` (bool, (h, w)) holds the mask's rows ``y0..y0+h-1`` and columns ``x0..x0+w-1``; it
-    must lie inside the image. The counts are what pycocotools' ``rleEncode`` gives for the full
-    mask: run lengths in column-major (Fortran) order, the first run a run of zeros (possibly of
-    length 0), no empty run at the end. Only the crop is read, never a full-size array.
-    """
-    h, w = crop.shape
-    area = height * width
-    if not (0 <= y0 and y0 + h <= height and 0 <= x0 and x0 + w <= width):
-        raise ValueError(f"crop {h}x{w} at (y {y0}, x {x0}) is not inside the {height}x{width} image")
-    if crop.size == 0 or not crop.any():
-        return np.array([area], np.int64)
-    # Each crop column framed by a zero above and below: +1 where a run of ones starts, -1 after it ends.
-    framed = np.zeros((w, h + 2), np.int8)
-    framed[:, 1:-1] = crop.T
-    cols, rows = np.nonzero(np.diff(framed, axis=1))
-    # Index, in the full mask's column-major order, of the first pixel after each change. C order
-    # of nonzero() makes these non-decreasing; an equal pair is a run that ends at the bottom of
-    # one column (crop touches row height-1) and goes on at the top of the next (crop touches row
-    # 0): no change there in the full mask, so both go.
-    changes = (x0 + cols).astype(np.int64) * height + y0 + rows
-    same = changes[1:] == changes[:-1]
-    if same.any():
-        keep = np.ones(len(changes), bool)
-        keep[1:][same] = False
-        keep[:-1][same] = False
-        changes = changes[keep]
-    if changes[-1] == area:  # ones up to the last pixel: that run is the last count
-        changes = changes[:-1]
-    return np.diff(np.concatenate(([0], changes, [area])))
-
-
-def encode_mask_crops(crops: list[np.ndarray], offsets: list[tuple[int, int]], height: int, width: int) -> list[dict]:
+def encode_column_crops(
+    flat: torch.Tensor, shapes: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]], height: int, width: int
+) -> list[dict]:
     """Binary masks given as crops -> compressed COCO RLEs at the full ``height x width``.
 
-    ``crops[i]`` (bool, (h, w)) sits at ``offsets[i] = (y0, x0)``; the mask is zero elsewhere. The
-    result is byte for byte what :func:`encode_masks` gives for the full-size masks, at the cost of
-    the crops only: the counts come from :func:`crop_run_lengths`, and pycocotools compresses them
-    into its string format exactly as it does for its own encoder.
+    Mask i is zero outside a crop of ``shapes[i] = (h, w)`` pixels whose top-left pixel is
+    ``offsets[i] = (y0, x0)``; the crop must lie inside the image, and may be empty (``h * w``
+    0: an empty mask). ``flat`` (bool, (sum of h * w,), any device) holds the crops one after
+    the other, each flattened column by column -- Fortran order, the order of COCO's runs.
+
+    The result is byte for byte :func:`encode_masks` of the full-size masks, at the cost of the
+    crops only: no full-size array is made. The runs of ones are found in ``flat`` by a few
+    whole-tensor operations (on the GPU when ``flat`` is there; a crop column's first and last
+    pixel end a run, since the pixels around the crop are zero), one copy brings their start
+    and end positions to the CPU, where they become indices of the full mask in column-major
+    order. A run that reaches the bottom row and goes on at the top of the next column (a crop
+    spanning the image's height) is one run there, so such pairs join. The counts -- pixels
+    before the first one, then alternately ones and zeros, no empty run at the end -- are what
+    pycocotools' ``rleEncode`` gives, and pycocotools compresses them into its string format.
     """
-    if not crops:
+    n = len(shapes)
+    if n == 0:
         return []
+    hs, ws = (np.array(v, np.int64).reshape(n) for v in zip(*shapes))
+    y0s, x0s = (np.array(v, np.int64).reshape(n) for v in zip(*offsets))
+    empty = hs * ws == 0
+    outside = ~empty & ((y0s < 0) | (x0s < 0) | (y0s + hs > height) | (x0s + ws > width))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"crop {hs[i]}x{ws[i]} at (y {y0s[i]}, x {x0s[i]}) is not inside the {height}x{width} image")
+    sizes = np.where(empty, 0, hs * ws)
+    starts = np.concatenate(([0], np.cumsum(sizes)))  # crop i is flat[starts[i]:starts[i + 1]]
+    if flat.shape != (starts[-1],):
+        raise ValueError(f"flat has shape {tuple(flat.shape)}; the crops' shapes add up to ({starts[-1]},)")
+
+    # The first pixel of every crop column in flat; the last is h - 1 further.
+    columns = np.where(empty, 0, ws)
+    crop_of_column = np.repeat(np.arange(n), columns)
+    column_in_crop = np.arange(columns.sum()) - np.repeat(np.cumsum(columns) - columns, columns)
+    first = starts[crop_of_column] + column_in_crop * hs[crop_of_column]
+    last = first + hs[crop_of_column] - 1
+    device = flat.device
+    flat = flat.to(torch.bool)
+    before = torch.zeros_like(flat)  # the pixel before in the same column (zero above the crop)
+    before[1:] = flat[:-1]
+    before[torch.from_numpy(first).to(device)] = False
+    after = torch.zeros_like(flat)  # the pixel after in the same column (zero below the crop)
+    after[:-1] = flat[1:]
+    after[torch.from_numpy(last).to(device)] = False
+    edges = torch.nonzero(torch.stack((flat & ~before, flat & ~after))).cpu().numpy()
+    runs = len(edges) // 2  # rows (0, first one of a run) then rows (1, last one), each in flat order
+    run_first, run_last = edges[:runs, 1], edges[runs:, 1]
+
+    # To the full mask's column-major indices: a run's start, and the index after its last one.
+    crop = np.searchsorted(starts, run_first, side="right") - 1
+    local = run_first - starts[crop]
+    begin = (x0s[crop] + local // hs[crop]) * height + y0s[crop] + local % hs[crop]
+    end = begin + (run_last - run_first) + 1
+    changes = np.empty(2 * runs, np.int64)
+    changes[0::2], changes[1::2] = begin, end
+    joined = (end[:-1] == begin[1:]) & (crop[:-1] == crop[1:])
+    keep = np.ones(2 * runs, bool)
+    keep[1:-1:2][joined] = False
+    keep[2::2][joined] = False
+    changes, change_crop = changes[keep], np.repeat(crop, 2)[keep]
+
+    # Counts: the pixels from the previous change (or 0) to each change, then to the end of the
+    # mask -- left out when the last run of ones ends at the last pixel.
+    area = height * width
+    bounds = np.searchsorted(change_crop, np.arange(n + 1))  # crop i's changes: changes[bounds[i]:bounds[i + 1]]
+    some = bounds[1:] > bounds[:-1]
+    previous = np.empty_like(changes)
+    previous[1:] = changes[:-1]
+    previous[bounds[:-1][some]] = 0
+    last_change = np.zeros(n, np.int64)
+    last_change[some] = changes[bounds[1:][some] - 1]
+    tails = area - last_change
+    counts = np.split(changes - previous, bounds[1:-1])
     uncompressed = [
-        {"size": [height, width], "counts": crop_run_lengths(c, y0, x0, height, width)} for c, (y0, x0) in zip(crops, offsets)
+        {"size": [height, width], "counts": np.append(c, tail) if tail else c} for c, tail in zip(counts, tails.tolist())
     ]
     rles = mask_utils._mask.frUncompressedRLE(uncompressed, height, width)
     return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in rles]

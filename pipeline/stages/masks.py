@@ -10,13 +10,13 @@ output holds RLE strings, which is what COCO tools read and what keeps a shard s
 Masks at detection speed: torchvision's ``paste_masks_in_image`` makes an (N, 1, H, W) float
 mask for every kept detection (up to ``max_detections``; ``score_threshold`` is applied before the
 mask head), and pasting plus encoding N full-size masks made a GPU run ~10x slower than the same
-backbone's boxes alone. The stage keeps the model's box-sized mask probabilities instead (:func:`masks_unpasted`), pastes each
-into its box only -- the same padding, box expansion, integer rounding and bilinear resize as
-torchvision's ``paste_mask_in_image``, so the same float values -- thresholds that crop, and
-builds the full-size RLE from the crop and its offset
-(:func:`pipeline.stages.common.encode_mask_crops`). The RLE strings are byte for byte those of
-pasting at full size and encoding (tests/stages/test_masks.py keeps that path as the reference;
-bench/masks.py measures both).
+backbone's boxes alone. The stage keeps the model's box-sized mask probabilities instead
+(:func:`masks_unpasted`) and pastes each into its box only -- the same padding, box expansion,
+integer rounding and bilinear resize as torchvision's ``paste_mask_in_image``, so the same float
+values (:func:`paste_in_boxes`) -- thresholds those regions and finds the runs of the full-size
+RLE in them, on the model's device (:func:`pipeline.stages.common.encode_column_crops`). The RLE
+strings are byte for byte those of pasting at full size and encoding (tests/stages/test_masks.py
+keeps that path as the reference; bench/masks.py measures both).
 
 Modes (shared with keypoints, see :mod:`pipeline.stages.heads`):
 
@@ -44,7 +44,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from pipeline import schema
 from pipeline.models.registry import list_models
-from pipeline.stages.common import encode_mask_crops, parse_labels
+from pipeline.stages.common import encode_column_crops, parse_labels
 from pipeline.stages.detect import CategoryMap
 from pipeline.stages.heads import HeadSpec, HeadStage
 from pipeline.stages.rcnn import boxes_to_rois, detect_from_proposals, mask_probabilities
@@ -77,44 +77,52 @@ def masks_unpasted(model: GeneralizedRCNN) -> Iterator[None]:
 
 
 def paste_in_boxes(
-    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float, padding: int = 1
-) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Box-sized masks ``probs`` (N, 1, M, M) pasted into ``boxes`` (N, 4 xyxy), thresholded, as crops.
+    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], padding: int = 1
+) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Box-sized masks ``probs`` (N, 1, M, M) pasted into ``boxes`` (N, 4 xyxy, image pixels), as crops.
 
-    Returns per box the bool crop ``probability > threshold`` of the image region the pasted mask
-    covers and its (y0, x0) offset: exactly the nonzero region of torchvision's
-    ``paste_masks_in_image(probs, boxes, image_size)[i, 0] > threshold``. The steps are
-    torchvision's (``expand_masks``/``expand_boxes`` on the whole tensors, int64 boxes, a bilinear
-    resize of the padded mask to the expanded box, the box's overlap with the image), on the
-    tensors' device; the crops come to the CPU in one copy.
+    Returns ``(flat, shapes, offsets)``: per box the (h, w) region of the ``image_size`` (H, W)
+    image its pasted mask covers and that region's top-left pixel (y0, x0), and ``flat``: those
+    regions' probabilities, each flattened column by column (Fortran order), one after the other,
+    on ``probs``' device. Region i holds exactly the values of torchvision's
+    ``paste_masks_in_image(probs, boxes, image_size)[i, 0]`` there, which is zero elsewhere; a box
+    with no pixel in the image has a (0, 0) region. The steps are torchvision's
+    (``expand_masks``/``expand_boxes`` on the whole tensors, int64 boxes, a bilinear resize of the
+    padded mask to the expanded box, the box's overlap with the image), one resize per box, so the
+    float values are the same ones.
     """
     if len(probs) == 0:
-        return [], []
+        return probs.new_zeros(0), [], []
     im_h, im_w = image_size
     padded, scale = expand_masks(probs, padding=padding)
     expanded = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
-    crops, offsets, shapes = [], [], []
+    pieces, shapes, offsets = [], [], []
     for mask, (bx0, by0, bx1, by1) in zip(padded, expanded):
         x0, x1 = max(bx0, 0), min(bx1 + 1, im_w)
         y0, y1 = max(by0, 0), min(by1 + 1, im_h)
         if x1 <= x0 or y1 <= y0:  # no pixel of the box in the image: an empty mask
-            offsets.append((0, 0))
             shapes.append((0, 0))
+            offsets.append((0, 0))
             continue
         size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
         resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=size, mode="bilinear", align_corners=False)[0, 0]
-        crops.append((resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold).reshape(-1))
-        offsets.append((y0, x0))
+        pieces.append(resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0].t().reshape(-1))
         shapes.append((y1 - y0, x1 - x0))
-    flat = torch.cat(crops).cpu().numpy() if crops else np.zeros(0, bool)
-    ends = np.cumsum([h * w for h, w in shapes])
-    return [part.reshape(shape) for part, shape in zip(np.split(flat, ends[:-1]), shapes)], offsets
+        offsets.append((y0, x0))
+    flat = torch.cat(pieces) if pieces else probs.new_zeros(0)
+    return flat, shapes, offsets
 
 
 def encode_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float) -> list[dict]:
-    """COCO RLEs of ``probs`` pasted into ``boxes`` at ``image_size`` and thresholded (see :func:`paste_in_boxes`)."""
-    crops, offsets = paste_in_boxes(probs, boxes, image_size, threshold)
-    return encode_mask_crops(crops, offsets, *image_size)
+    """COCO RLEs of ``probs`` (N, 1, M, M) pasted into ``boxes`` (N, 4 xyxy) at ``image_size`` (H, W), ``> threshold``.
+
+    Byte for byte the RLEs of torchvision's full-size paste thresholded and encoded
+    (:func:`pipeline.stages.common.encode_masks`), from the boxes' regions only
+    (:func:`paste_in_boxes`, :func:`pipeline.stages.common.encode_column_crops`): on a GPU, the
+    paste, threshold and run search stay there, and only run positions come to the CPU.
+    """
+    flat, shapes, offsets = paste_in_boxes(probs, boxes, image_size)
+    return encode_column_crops(flat > threshold, shapes, offsets, *image_size)
 
 
 class MasksSpec(HeadSpec):
@@ -232,9 +240,8 @@ class MasksStage(HeadStage):
         probs = mask_probabilities(self.model, r, [torch.from_numpy(lab).to(self.device) for lab in labels])
         out = []
         for prob, c, k, orig in zip(probs, r.clipped, r.inside, r.original):
-            crops, offsets = paste_in_boxes(prob, c[k], orig, self.mask_threshold)
-            pasted = iter(zip(crops, offsets))
-            empty = (np.zeros((0, 0), bool), (0, 0))
-            ordered = [next(pasted) if keep else empty for keep in k.tolist()]
-            out.append(encode_mask_crops([o[0] for o in ordered], [o[1] for o in ordered], *orig))
+            inside = iter(encode_in_boxes(prob, c[k], orig, self.mask_threshold))
+            keeps = k.tolist()
+            empty = None if all(keeps) else encode_column_crops(torch.zeros(0, dtype=torch.bool), [(0, 0)], [(0, 0)], *orig)[0]
+            out.append([next(inside) if keep else empty for keep in keeps])
         return out

@@ -361,22 +361,34 @@ def test_paste_in_boxes_matches_torchvision_paste_for_any_box():
     assert compared > 150
 
 
-def test_encode_mask_crops_equals_full_size_encode():
-    from pipeline.stages.common import crop_run_lengths, encode_mask_crops, encode_masks
+def test_encode_column_crops_equals_full_size_encode():
+    """Several crops per call (empty ones too), each flattened column by column, against
+    pycocotools' encode of the full-size masks: byte-identical RLE strings."""
+    from pipeline.stages.common import encode_column_crops, encode_masks
 
     rng = np.random.default_rng(1)
-    for _ in range(500):
+    for _ in range(300):
         h, w = (int(v) for v in rng.integers(1, 14, 2))
-        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
-        ch = int(rng.choice([h - y0, rng.integers(0, h - y0 + 1)]))  # often down to the last row
-        cw = int(rng.integers(0, w - x0 + 1))
-        if rng.random() < 0.3:
-            y0, ch = 0, h  # full columns: runs carry on from one column into the next
-        crop = rng.random((ch, cw)) < rng.choice([0.2, 0.6, 1.0])
-        full = np.zeros((1, h, w), bool)
-        full[0, y0 : y0 + ch, x0 : x0 + cw] = crop
-        assert encode_mask_crops([crop], [(y0, x0)], h, w) == encode_masks(full)
-    assert encode_mask_crops([], [], 4, 4) == []
-    assert crop_run_lengths(np.ones((4, 4), bool), 0, 0, 4, 4).tolist() == [0, 16]
+        pieces, shapes, offsets, fulls = [], [], [], []
+        for _ in range(int(rng.integers(1, 5))):
+            y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+            ch = int(rng.choice([h - y0, rng.integers(0, h - y0 + 1)]))  # often down to the last row
+            cw = int(rng.integers(0, w - x0 + 1))
+            if rng.random() < 0.3:
+                y0, ch = 0, h  # full columns: runs carry on from one column into the next
+            crop = rng.random((ch, cw)) < rng.choice([0.2, 0.6, 1.0])
+            full = np.zeros((h, w), bool)
+            full[y0 : y0 + ch, x0 : x0 + cw] = crop
+            pieces.append(torch.from_numpy(crop.T.reshape(-1).copy()))
+            shapes.append((ch, cw))
+            offsets.append((y0, x0))
+            fulls.append(full)
+        got = encode_column_crops(torch.cat(pieces), shapes, offsets, h, w)
+        assert got == encode_masks(np.stack(fulls))
+    assert encode_column_crops(torch.zeros(0, dtype=torch.bool), [], [], 4, 4) == []
+    ones = encode_column_crops(torch.ones(16, dtype=torch.bool), [(4, 4)], [(0, 0)], 4, 4)
+    assert ones == encode_masks(np.ones((1, 4, 4), bool))
     with pytest.raises(ValueError, match="not inside"):
-        crop_run_lengths(np.ones((3, 3), bool), 2, 0, 4, 4)
+        encode_column_crops(torch.ones(9, dtype=torch.bool), [(3, 3)], [(2, 0)], 4, 4)
+    with pytest.raises(ValueError, match="add up"):
+        encode_column_crops(torch.ones(8, dtype=torch.bool), [(3, 3)], [(0, 0)], 4, 4)
