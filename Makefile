@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean model
+.PHONY: demo test bench clean model model-segment
 
 $(STAMP): pyproject.toml requirements.lock
 	@echo "==> creating $(VENV) and installing pinned dependencies (first run: a few minutes)"
@@ -39,6 +39,17 @@ model $(MODEL): | $(STAMP)
 	$(BIN)/pipeline train jobs/train_shapes.yaml
 	@mkdir -p $(dir $(MODEL))
 	cp demo-output/train_shapes/model.pth $(MODEL)
+
+# Train the semantic segmentation model (small U-Net, jobs/train_segment_shapes.yaml, ~10 min) and install it.
+SEGMENT_MODEL := conf/models/small_unet_shapes.pth
+
+model-segment: | $(STAMP)
+	@echo "==> training data: 3000 synthetic images (seed 100), 200 for validation (seed 200)"
+	@rm -rf demo-output/shapes-train demo-output/shapes-val demo-output/train_segment_shapes
+	$(BIN)/pipeline data synth demo-output/shapes-train --images 3000 --seed 100
+	$(BIN)/pipeline data synth demo-output/shapes-val --images 200 --seed 200
+	$(BIN)/pipeline train jobs/train_segment_shapes.yaml
+	cp demo-output/train_segment_shapes/model.pth $(SEGMENT_MODEL)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

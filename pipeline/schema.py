@@ -122,6 +122,21 @@ PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORE
 STYLIZED = "stylized"  # per row: the restyled picture, encoded (JPEG or PNG bytes), EXIF orientation applied
 STYLIZED_TYPE = pa.binary()
 
+# --- image classification (written by the classify stage) ------------------------------------------
+# Per row, the model's top k classes, best first (k = the stage's top_k, at most the model's classes).
+CLASS_LABELS = "class_labels"  # per row: k model class indices (int32)
+CLASS_SCORES = "class_scores"  # per row: their softmax probabilities (float32), descending
+CLASS_CATEGORY_IDS = "class_category_ids"  # per row: the dataset's category ids for them (-1: no mapping)
+CLASS_LABELS_TYPE = pa.list_(pa.int32())
+CLASS_SCORES_TYPE = pa.list_(pa.float32())
+CLASS_CATEGORY_IDS_TYPE = pa.list_(pa.int64())  # as detect's CATEGORY_IDS and the ground truth's LABEL
+# Image-level ground truth, optional in an image dataset (written by `synth_dataset(..., classification=True)`):
+# the category id of the whole image, one of dataset.json's categories; null = unlabelled (left out of
+# classification evaluation, counted). Never travels into a job (the stream reads only the image columns).
+LABEL = "label"
+LABEL_TYPE = pa.int64()
+LABEL_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field(LABEL, LABEL_TYPE))
+
 # --- semantic segmentation (written by the segment stage) -----------------------------------------
 # One compressed COCO RLE per category present in the image (the form detectron2 uses for semantic
 # predictions), at the decoded image size; together the masks cover every pixel exactly once.
@@ -131,8 +146,14 @@ SEMANTIC_MASKS = "semantic_masks"  # per row: one RLE per id of SEMANTIC_CATEGOR
 SEMANTIC_CATEGORY_IDS_TYPE = pa.list_(pa.int32())
 SEMANTIC_MASKS_TYPE = pa.list_(RLE_TYPE)
 SEMANTIC_IGNORE = 255  # label-map value that evaluation ignores (VOC's "void")
-# Semantic ground truth, optional in an image dataset (written by an importer of label-map folders):
-# PNG bytes of a uint8 map (H, W) of category ids, 255 = ignore (VOC stores palette PNGs read by index).
-# A row without one (null) takes its semantic ground truth from its instance annotations.
+# Semantic ground truth, optional in an image dataset (written by `pipeline data import-images --labels`):
+# PNG bytes of a uint8 map (H, W) at the image's displayed size, of category ids, 255 = ignore (VOC stores
+# palette PNGs read by index; pipeline.data.label_maps reads and writes them). Never travels into a job.
+# What a null label_map means depends on the dataset: where dataset.json's info says
+# {SEMANTIC_GROUND_TRUTH: LABEL_MAP} (an import of a label folder), the image has no ground truth and
+# semantic evaluation leaves it out (counted); elsewhere it takes its semantic ground truth from its
+# instance annotations.
 LABEL_MAP = "label_map"
 LABEL_MAP_TYPE = pa.binary()
+LABEL_MAP_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field(LABEL_MAP, LABEL_MAP_TYPE))
+SEMANTIC_GROUND_TRUTH = "semantic_ground_truth"  # dataset.json info key: LABEL_MAP when label maps are the semantic GT

@@ -49,3 +49,16 @@ def test_quoted_accuracy_of_the_shipped_model_is_the_measured_one():
     assert found >= 3  # README, jobs/README and conf/models/README all quote it
     demo = re.search(r"bbox_AP\s+(\S+)\nsegm_AP\s+(\S+)", (REPO / "README.md").read_text())
     assert demo and (float(demo.group(1)), float(demo.group(2))) == (expected["bbox"], expected["segm"])
+
+
+def test_quoted_miou_of_the_shipped_semantic_model_is_the_measured_one():
+    """Every "held-out ... mIoU X" in the docs is conf/models/small_unet_shapes.json's held-out mIoU."""
+    import json
+
+    expected = json.loads((REPO / "conf" / "models" / "small_unet_shapes.json").read_text())["semantic"]["mIoU"]
+    found = 0
+    for doc in ("README.md", "jobs/README.md", "conf/models/README.md"):
+        for quoted in re.findall(r"held-out[^|]{0,80}?mIoU (\d\.\d+)", (REPO / doc).read_text(), re.S):
+            found += 1
+            assert float(quoted) == round(expected, len(quoted.split(".")[1])), f"{doc} quotes held-out mIoU {quoted}, measured {expected}"
+    assert found >= 3  # README, jobs/README and conf/models/README all quote it

@@ -47,16 +47,44 @@ def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int,
 
 
 @data.command("import-images")
+@click.option("--labels", "labels_dir", type=click.Path(file_okay=False),
+              help="Folder of VOC-style label PNGs (pixel = category id, 255 = ignore), same relative path as each image.")
+@click.option("--categories", "categories_file", type=click.Path(dir_okay=False),
+              help="JSON list of COCO categories {id, name}, or of names (index = id); default: ids found, class_<id>.")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
 @click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.argument("out")
 @user_errors
-def import_images_cmd(images_dir: str, out: str, rows_per_shard: int, overwrite: bool) -> None:
-    """Import a folder of images (no labels) into shards at OUT."""
+def import_images_cmd(images_dir: str, out: str, labels_dir: str | None, categories_file: str | None, rows_per_shard: int,
+                      overwrite: bool) -> None:
+    """Import a folder of images (optionally with label maps) into shards at OUT.
+
+    With --labels, IMAGES_DIR/a/b.jpg takes LABELS_DIR/a/b.png as its semantic ground truth; an
+    image without one is kept, and left out of semantic evaluation.
+    """
     from pipeline.data.importers import import_images
 
-    _report(import_images(images_dir, out, rows_per_shard=rows_per_shard, overwrite=overwrite), out)
+    result = import_images(images_dir, out, rows_per_shard=rows_per_shard, overwrite=overwrite,
+                           labels_dir=labels_dir, categories_file=categories_file)
+    _report(result, out)
+    if labels_dir:
+        _report_labels(result, labels_dir)
+
+
+def _report_labels(result: dict, labels_dir: str) -> None:
+    categories = result["categories"]
+    names = ", ".join(f"{c['id']} {c['name']}" for c in categories[:8]) + (", ..." if len(categories) > 8 else "")
+    click.echo(f"  label maps: {result['label_maps']} of {result['images']} image(s); "
+               f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
+               f"({'from the values found' if result['categories_inferred'] else 'from --categories'}): {names}")
+    if result["images_without_label_file"]:
+        click.echo(f"  {result['images_without_label_file']} image(s) have no label file in {labels_dir}: "
+                   "kept, and left out of semantic evaluation", err=True)
+    unused = result["labels_without_image"]
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        click.echo(f"warning: {len(unused)} label file(s) match no image, not imported: {', '.join(unused[:5])}{more}", err=True)
 
 
 @data.command("synth")
@@ -64,14 +92,16 @@ def import_images_cmd(images_dir: str, out: str, rows_per_shard: int, overwrite:
 @click.option("--seed", default=0, show_default=True, type=int, help="Dataset seed (same seed, same images).")
 @click.option("--size", default=128, show_default=True, type=click.IntRange(min=32), help="Nominal image side in pixels (varies +-25%).")
 @click.option("--rows-per-shard", default=256, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
+@click.option("--classification", is_flag=True, help="One shape per image and an image-level `label` column (for classify).")
 @click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
 @click.argument("out")
 @user_errors
-def synth_cmd(images: int, seed: int, size: int, rows_per_shard: int, out: str, overwrite: bool) -> None:
-    """Write a synthetic shapes dataset with exact boxes and masks."""
+def synth_cmd(images: int, seed: int, size: int, rows_per_shard: int, classification: bool, out: str, overwrite: bool) -> None:
+    """Write a synthetic shapes dataset with exact boxes and masks (or image labels)."""
     from pipeline.data.synth import synth_dataset
 
-    _report(synth_dataset(out, images=images, seed=seed, size=size, rows_per_shard=rows_per_shard, overwrite=overwrite), out)
+    _report(synth_dataset(out, images=images, seed=seed, size=size, rows_per_shard=rows_per_shard, overwrite=overwrite,
+                          classification=classification), out)
 
 
 @data.command("info")
@@ -104,17 +134,18 @@ def info_cmd(path: str, as_json: bool) -> None:
 
 
 @data.command("render")
-@click.option("--images", "images", help="Dataset holding the images (default: the job's input, from PRED's dataset.json).")
+@click.option("--images", "images", help="Dataset holding the images (default: the job's input, from PRED's dataset.json; or PRED itself).")
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="How many images to draw.")
 @click.option("--min-score", default=0.3, show_default=True, type=float, help="Draw only predictions scoring at least this.")
 @click.argument("pred")
 @click.argument("out_dir")
 @user_errors
 def render_cmd(pred: str, out_dir: str, images: str | None, limit: int, min_score: float) -> None:
-    """Draw predictions (boxes, masks, keypoints) on their images as PNGs.
+    """Draw predictions (boxes, masks, keypoints, semantic maps) on their images as PNGs.
 
     Files are OUT_DIR/<image_id>_<name>.png plus contact_sheet.png; labels are category names and
-    scores. With --images, the dataset must hold the same image ids, file names and sizes.
+    scores, semantic maps get a legend. PRED may also be a dataset with label maps (its ground
+    truth is drawn). With --images, the dataset must hold the same image ids, file names and sizes.
     """
     from pipeline.data.render import render_predictions
 
@@ -153,3 +184,25 @@ def export_images_cmd(pred: str, out_dir: str, column: str, images: str | None, 
                f"{result['empty_rows']} rows without {column} skipped)")
     if result["sheet"]:
         click.echo(f"contact sheet: {result['sheet']}")
+
+
+@data.command("export-masks")
+@click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it is not empty.")
+@click.argument("pred")
+@click.argument("out_dir")
+@user_errors
+def export_masks_cmd(pred: str, out_dir: str, overwrite: bool) -> None:
+    """Write semantic predictions as label PNGs (VOC palette), one per image.
+
+    OUT_DIR/<file_name>.png, folders kept: pixel = category id, 255 = unlabelled. They import back
+    as ground truth with: pipeline data import-images IMAGES --labels OUT_DIR.
+    """
+    from pipeline.data.export_masks import export_masks
+
+    result = export_masks(pred, out_dir, overwrite=overwrite)
+    click.echo(f"wrote {result['written']} label map(s) to {out_dir} ({result['error_rows']} error rows and "
+               f"{result['empty_rows']} rows without semantic masks skipped)")
+    renamed = result["renamed"]
+    if renamed:
+        listed = ", ".join(f"image_id {i} -> {name}" for i, name in renamed[:5]) + (" ..." if len(renamed) > 5 else "")
+        click.echo(f"  {len(renamed)} file name(s) already written for another image, so named <name>_<image_id>.png: {listed}", err=True)

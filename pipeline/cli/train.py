@@ -1,4 +1,4 @@
-"""``pipeline train``: train or fine-tune a detection/mask model on our shards with Ray Train."""
+"""``pipeline train``: train or fine-tune a detector or a semantic segmentation model on our shards with Ray Train."""
 
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def train(train_file: str, overrides: tuple[str, ...], address: str | None) -> N
         apply_override(data, assignment)
     spec = _validate(data, train_file, TrainSpec)
     summary = run_training(spec, source=train_file, address=address)
-    rows = [(e.get("epoch"), e.get("step"), round(e.get("loss", float("nan")), 4), e.get("val_bbox_AP", ""), e.get("val_segm_AP", ""))
+    # val_bbox_AP, val_segm_AP (detectors), val_semantic_mIoU (semantic models): whatever validation reported
+    val_keys = sorted({k for e in summary["epochs"] for k in e if k.startswith("val_")})
+    rows = [(e.get("epoch"), e.get("step"), round(e.get("loss", float("nan")), 4), *(e.get(k, "") for k in val_keys))
             for e in summary["epochs"]]
-    print_table(rows, header=("epoch", "step", "loss", "val bbox AP", "val segm AP"))
+    print_table(rows, header=("epoch", "step", "loss", *(k.removeprefix("val_").replace("_", " ") for k in val_keys)))
     click.echo(f"model: {summary['model']}  (load it in a job with weights: {summary['model']})")
 
 

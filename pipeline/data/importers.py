@@ -1,4 +1,4 @@
-"""Turn what users arrive with (a COCO file + image folder, or a bare image folder) into shards.
+"""Turn what users arrive with (a COCO file + image folder, a bare image folder, or one with label maps) into shards.
 
 Image bytes are copied as found on disk (never re-encoded), so importing is lossless and fast.
 A row whose image cannot be read is still written, with ``image`` null and ``error`` saying why:
@@ -16,6 +16,15 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.coco_file import int_id, read_coco_file
+from pipeline.data.label_maps import (
+    EXTENSION,
+    LabelFolder,
+    LabelScan,
+    inferred_categories,
+    label_problem,
+    read_categories_file,
+    scan_label_file,
+)
 from pipeline.data.shards import DATASET_JSON, DatasetMeta, ShardWriter, list_shards, read_shard, shard_schema, write_meta
 
 EXIF_ORIENTATION = 0x0112
@@ -305,43 +314,125 @@ def _relink_to_dataset(dataset: str, images: list[dict], annotations_file: str) 
     return rows, relinked
 
 
-def import_images(images_dir: str, out: str, *, rows_per_shard: int = 1000, overwrite: bool = False) -> dict:
-    """Import every image file under ``images_dir`` (recursively), unlabelled.
+def import_images(
+    images_dir: str,
+    out: str,
+    *,
+    rows_per_shard: int = 1000,
+    overwrite: bool = False,
+    labels_dir: str | None = None,
+    categories_file: str | None = None,
+) -> dict:
+    """Import every image file under ``images_dir`` (recursively); unlabelled, or with label maps.
 
     ``image_id`` is 1..N in sorted relative-path order, so re-importing the same folder gives the
     same ids. Width/height come from the file header (no full decode).
+
+    ``labels_dir``: semantic ground truth, VOC style (:mod:`pipeline.data.label_maps`): the label PNG
+    of ``IMAGES/a/b.jpg`` is ``LABELS/a/b.png``, pixel value = category id, 255 = ignore. Its bytes
+    go, as found, into the ``label_map`` column, and ``dataset.json`` says (``info``) that label maps
+    are this dataset's semantic ground truth. Then:
+
+    * an image without a label file is kept with ``label_map`` null: it has no ground truth, and
+      semantic evaluation leaves it out (counted: ``images_without_label_file``);
+    * a label file that is unreadable, not an 8-bit grey/palette PNG, of another size than its image
+      (as displayed, EXIF applied), or holding a value that is no category (nor 0, nor 255) makes
+      the row an error row naming the file and why; the image bytes are kept, ``label_map`` is null;
+    * label files no image asks for are listed (``labels_without_image``), not imported;
+    * categories come from ``categories_file`` (:func:`~pipeline.data.label_maps.read_categories_file`),
+      else from the values found: ids 1..max, named ``class_<id>``.
+
+    A label folder that holds no image's label file is refused (almost always the wrong folder).
     """
     root = Path(images_dir)
     if not root.is_dir():
         raise DataImportError(f"not a folder: {images_dir}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if categories_file and not labels_dir:
+        raise DataImportError("categories name the values of label maps: give --labels with --categories")
+    labels = LabelFolder(Path(labels_dir), DataImportError) if labels_dir else None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not (labels and labels.holds(p)))
     if not files:
         raise DataImportError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images_dir}")
-    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
+    info = {"source": os.path.abspath(images_dir)}
+    categories: list[dict] = []
+    scans: dict[Path, tuple[Path, LabelScan]] = {}
+    if labels is not None:
+        scans = _scan_labels(files, root, labels)
+        if categories_file:
+            categories = read_categories_file(categories_file, DataImportError)
+        else:
+            categories = inferred_categories({v for _, scan in scans.values() if not scan.error for v in scan.values})
+        info |= {"labels": os.path.abspath(labels_dir), schema.SEMANTIC_GROUND_TRUTH: schema.LABEL_MAP,
+                 "categories_from": os.path.abspath(categories_file) if categories_file else "label values"}
+    writer = ShardWriter(out, rows_per_shard, schema.LABEL_MAP_IMAGE_SCHEMA if labels else schema.IMAGE_SCHEMA, overwrite=overwrite)
     errors: list[str] = []
+    with_label = 0
     for image_id, path in enumerate(files, start=1):
-        data, error = read_image_bytes(path)
-        width = height = None
-        if data is not None:
-            try:
-                with Image.open(path) as img:
-                    width, height = img.size
-                    if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated 90 degrees
-                        width, height = height, width
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-image error
-                error = f"cannot read image header of {path}: {exc}"
-        if error:
-            errors.append(f"image {image_id}: {error}")
-        writer.add(
-            {
-                schema.IMAGE_ID: image_id,
-                schema.FILE_NAME: str(path.relative_to(root)),
-                schema.WIDTH: width,
-                schema.HEIGHT: height,
-                schema.IMAGE: data,
-                schema.ERROR: error,
-            }
-        )
+        row = _image_row(image_id, path, root)
+        if labels is not None:
+            row[schema.LABEL_MAP], row[schema.ERROR] = _label_map(row, scans.get(path), categories)
+            with_label += row[schema.LABEL_MAP] is not None
+        if row[schema.ERROR]:
+            errors.append(f"image {image_id}: {row[schema.ERROR]}")
+        writer.add(row)
     writer.flush()
-    write_meta(out, DatasetMeta(info={"source": os.path.abspath(images_dir)}))
-    return {"images": len(files), "annotations": 0, "shards": writer.shards_written, "errors": errors}
+    write_meta(out, DatasetMeta(categories=categories, info=info))
+    result = {"images": len(files), "annotations": 0, "shards": writer.shards_written, "errors": errors}
+    if labels is not None:
+        result |= {"label_maps": with_label, "images_without_label_file": len(files) - len(scans),
+                   "labels_without_image": labels.unused(), "categories": categories,
+                   "categories_inferred": not categories_file}
+    return result
+
+
+def _image_row(image_id: int, path: Path, root: Path) -> dict:
+    """The image columns of one file: bytes as found, size from the header (EXIF applied), or why not."""
+    data, error = read_image_bytes(path)
+    width = height = None
+    if data is not None:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated 90 degrees
+                    width, height = height, width
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-image error
+            error = f"cannot read image header of {path}: {exc}"
+    return {
+        schema.IMAGE_ID: image_id,
+        schema.FILE_NAME: str(path.relative_to(root)),
+        schema.WIDTH: width,
+        schema.HEIGHT: height,
+        schema.IMAGE: data,
+        schema.ERROR: error,
+    }
+
+
+def _scan_labels(files: list[Path], root: Path, labels: LabelFolder) -> dict[Path, tuple[Path, LabelScan]]:
+    """image file -> (its label file, what that holds), for the images that have one; refuses a folder matching none."""
+    scans = {}
+    for path in files:
+        label = labels.find(path.relative_to(root).as_posix())
+        if label is not None:
+            scans[path] = (label, scan_label_file(label))
+    if not scans:
+        example = files[0].relative_to(root).with_suffix(EXTENSION).as_posix()
+        raise DataImportError(
+            f"none of the {len(files)} images under {root} has a label file under {labels.root} "
+            f"(the label of an image is its relative path with .png, e.g. {example}); nothing was imported"
+        )
+    return scans
+
+
+def _label_map(row: dict, found: tuple[Path, LabelScan] | None, categories: list[dict]) -> tuple[bytes | None, str | None]:
+    """(``label_map`` bytes or None, ``error``) of an image row: its error, else its label file's problem."""
+    if found is None or row[schema.ERROR]:
+        return None, row[schema.ERROR]  # no label file; or the image itself is unusable, which says enough
+    path, scan = found
+    problem = label_problem(scan, path, row[schema.WIDTH], row[schema.HEIGHT], categories)
+    if problem:
+        return None, problem
+    try:
+        return path.read_bytes(), None  # as found, like the image (scanned once already)
+    except OSError as exc:
+        return None, f"cannot read label map {path}: {exc}"

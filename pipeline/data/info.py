@@ -2,6 +2,7 @@
 
 Error rows (``error`` set: an image that could not be read at import, or decoded by a job) are
 counted, and the first ``ERROR_EXAMPLES`` are named with their image_id, file_name and reason.
+``label_maps`` counts the rows carrying semantic ground truth (a non-null ``label_map``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ def dataset_info(path: str) -> dict:
     shards = list_shards(path)
     meta = read_meta(path)
     names = {c["id"]: c.get("name", str(c["id"])) for c in meta.categories}
-    rows = errors = n_bytes = annotations = crowd = detections = 0
+    rows = errors = n_bytes = annotations = crowd = detections = label_maps = 0
     per_category: Counter = Counter()
     error_examples: list[dict] = []
     for shard in shards:
         fs, p = resolve(shard)
         n_bytes += fs.get_file_info(p).size or 0
         present = shard_schema(shard).names
-        wanted = [c for c in (schema.ERROR, schema.ANNOTATIONS, schema.SCORES) if c in present]
+        wanted = [c for c in (schema.ERROR, schema.ANNOTATIONS, schema.SCORES, schema.LABEL_MAP) if c in present]
         table = read_shard(shard, columns=wanted)
         rows += table.num_rows
         if schema.ERROR in table.column_names:
@@ -47,6 +48,8 @@ def dataset_info(path: str) -> dict:
                 per_category.update(pc.struct_field(flat, "category_id").to_pylist())
         if schema.SCORES in table.column_names:
             detections += len(pc.list_flatten(table[schema.SCORES]))
+        if schema.LABEL_MAP in table.column_names:
+            label_maps += table.num_rows - table[schema.LABEL_MAP].null_count
     info = {
         "path": path,
         "kind": meta.kind,
@@ -58,6 +61,7 @@ def dataset_info(path: str) -> dict:
         "categories": len(meta.categories),
         "annotations": annotations,
         "crowd_annotations": crowd,
+        "label_maps": label_maps,
         "annotations_per_category": {names.get(k, str(k)): v for k, v in sorted(per_category.items())},
     }
     if meta.kind == "predictions":

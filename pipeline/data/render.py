@@ -18,6 +18,13 @@ What a picture shows, made to be read at any image size:
   inside it, and never leaves the picture. Names come from the predictions' ``dataset.json``
   categories, else the images dataset's; only when neither names a category is it ``class <id>``.
 
+Semantic segmentation (a segment stage's ``semantic_category_ids`` + ``semantic_masks``, or the
+``label_map`` of a ground-truth dataset given as PRED: an images dataset is its own source) is drawn
+as a translucent fill per category in its colour; background (0) is left as it is, and pixels that
+are unlabelled (no mask, category -1) or ignored (255) get VOC's pale "void" tint. Under the
+picture, a legend strip names each category present beside its colour swatch (background as an
+empty swatch). A mask or label map that cannot be read skips its row like undecodable bytes.
+
 Files are ``<image_id>_<file stem>.png`` plus ``contact_sheet.png``: a grid of thumbnails of the
 drawn pictures with their ids and file names. Error rows (``error`` set) have no picture; they
 are skipped and listed in the result, as are rows whose image bytes cannot be decoded.
@@ -38,6 +45,7 @@ from pycocotools import mask as mask_utils
 from pipeline import schema
 from pipeline.data.decode import DecodeError, decode_image
 from pipeline.data.export_images import BACKGROUND, SHEET, contact_sheet, thumbnail
+from pipeline.data.label_maps import IGNORE, UNLABELLED, LabelMapError, category_map, decode_png_label_map, voc_palette
 from pipeline.data.shards import DatasetError, DatasetMeta, list_shards, read_meta, read_shard, shard_schema
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -45,6 +53,9 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 MIN_SIDE = 512  # smaller images are upscaled to at least this short side before drawing
 SHEET_CELL = 256
 MAX_LISTED = 5  # mismatches / skipped rows named in messages
+SEMANTIC_ALPHA = 0.5  # weight of a category's colour over the picture
+VOID_COLOUR = tuple(voc_palette()[3 * IGNORE : 3 * IGNORE + 3])  # (224, 224, 192): unlabelled / ignored pixels
+LEGEND_TEXT = (235, 235, 235)
 
 
 def render_predictions(
@@ -63,7 +74,7 @@ def render_predictions(
     dataset is unknown, or does not hold the same images (ids, file names, sizes) as ``pred``.
     """
     meta = read_meta(pred)
-    source = images or meta.info.get("source")
+    source = images or (pred if meta.kind == "images" else meta.info.get("source"))  # a dataset holds its own images
     if not source:
         raise DatasetError(f"{pred}: dataset.json names no source dataset; pass the images dataset with --images")
     names = category_names(known_categories(meta, source))
@@ -79,10 +90,11 @@ def render_predictions(
         file_name = row.get(schema.FILE_NAME) or pictures[image_id][0]
         try:
             rgb = decode_image(pictures[image_id][3])
-        except DecodeError as exc:
+            semantic = semantic_layer(row, *rgb.shape[:2])
+        except (DecodeError, LabelMapError) as exc:
             undecodable.append((image_id, file_name, str(exc)))
             continue
-        image = draw_row(rgb, row, names, min_score)
+        image = draw_row(rgb, row, names, min_score, semantic=semantic)
         path = os.path.join(out_dir, picture_name(image_id, file_name))
         image.save(path)
         written.append(path)
@@ -101,7 +113,8 @@ def render_predictions(
 def _read_rows(pred: str, limit: int) -> tuple[list[dict], list[tuple]]:
     """The first ``limit`` rows without an error, and the error rows met on the way."""
     wanted = [schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.ERROR, schema.BOXES,
-              schema.SCORES, schema.CATEGORY_IDS, schema.LABELS, schema.MASKS, schema.KEYPOINTS]
+              schema.SCORES, schema.CATEGORY_IDS, schema.LABELS, schema.MASKS, schema.KEYPOINTS,
+              schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS, schema.LABEL_MAP]
     rows: list[dict] = []
     errors: list[tuple] = []
     for shard in list_shards(pred):
@@ -292,8 +305,13 @@ def colour_for(category_id: int | None) -> tuple[int, int, int]:
 # --- drawing ------------------------------------------------------------------------------------
 
 
-def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float) -> Image.Image:
-    """The row's predictions scoring at least ``min_score`` drawn on ``rgb`` (upscaled if small)."""
+def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float,
+             semantic: tuple[np.ndarray, str] | None = None) -> Image.Image:
+    """The row's predictions scoring at least ``min_score`` drawn on ``rgb`` (upscaled if small).
+
+    ``semantic``: (category map (H, W), what -1 means there) from :func:`semantic_layer`: tinted
+    under everything else, with a legend strip added under the picture.
+    """
     height, width = rgb.shape[:2]
     scores = row.get(schema.SCORES) or []
     boxes = row.get(schema.BOXES) or []
@@ -307,6 +325,8 @@ def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float
         return categories[i] if i < len(categories) else None
 
     canvas = rgb.astype(np.float32)
+    if semantic is not None:
+        tint_categories(canvas, semantic[0])
     for i in keep:
         if i < len(masks) and masks[i] and masks[i].get("counts"):
             m = mask_utils.decode({"size": list(masks[i]["size"]), "counts": masks[i]["counts"].encode("ascii")}).astype(bool)
@@ -340,7 +360,82 @@ def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float
         colour = colour_for(cat(i))
         draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=colour, outline=tuple(c // 2 for c in colour))
         draw.text((rect[0] + pad - left, rect[1] + pad - top), text, font=typeface, fill=text_colour(colour))
+    if semantic is not None:
+        image = with_legend(image, legend_entries(semantic[0], names, semantic[1]), size)
     return image
+
+
+# --- semantic segmentation --------------------------------------------------------------------------
+
+
+def semantic_layer(row: dict, height: int, width: int) -> tuple[np.ndarray, str] | None:
+    """The row's per-pixel categories, (height, width) int64 with -1 where none (unlabelled or
+    ignored), and the word for -1 there; None when the row has no semantic masks and no label map.
+
+    Raises :class:`LabelMapError` (naming the image) for masks or a label map that cannot be read
+    or are not the image's size.
+    """
+    where = f"image_id {row[schema.IMAGE_ID]}"
+    if row.get(schema.SEMANTIC_MASKS) is not None:
+        return category_map(row.get(schema.SEMANTIC_CATEGORY_IDS), row[schema.SEMANTIC_MASKS], height, width, where=where), "unlabelled"
+    if row.get(schema.LABEL_MAP) is not None:
+        values = decode_png_label_map(row[schema.LABEL_MAP], where=where)
+        if values.shape != (height, width):
+            raise LabelMapError(f"{where}: label map is {values.shape[1]}x{values.shape[0]}, the image is {width}x{height}")
+        return np.where(values == IGNORE, UNLABELLED, values.astype(np.int64)), "ignore (255)"
+    return None
+
+
+def tint_categories(canvas: np.ndarray, categories: np.ndarray) -> None:
+    """Blend each category's colour over ``canvas`` (H, W, 3 float32, in place); background stays,
+    -1 (unlabelled / ignored) gets :data:`VOID_COLOUR`."""
+    for c in np.unique(categories).tolist():
+        if c == 0:
+            continue
+        where = categories == c
+        colour = np.array(VOID_COLOUR if c == UNLABELLED else colour_for(c), np.float32)
+        canvas[where] = (1 - SEMANTIC_ALPHA) * canvas[where] + SEMANTIC_ALPHA * colour
+
+
+def legend_entries(categories: np.ndarray, names: dict[int, str], unlabelled: str) -> list[tuple[tuple | None, str]]:
+    """(swatch colour, text) per value present, in id order: background (None: an empty swatch, it is
+    not tinted), each category by name, then -1 as ``unlabelled``."""
+    present = np.unique(categories).tolist()
+    entries = [(None, names.get(0) or "background")] if 0 in present else []
+    entries += [(colour_for(c), names.get(c) or f"class {c}") for c in present if c > 0]
+    if UNLABELLED in present:
+        entries.append((VOID_COLOUR, unlabelled))
+    return entries
+
+
+def with_legend(image: Image.Image, entries: list[tuple[tuple | None, str]], size: int) -> Image.Image:
+    """``image`` with a strip under it: one ``[swatch] name`` per entry, left to right, wrapping.
+
+    Swatches are ``size`` px squares (the label font size) filled with the category's colour, so a
+    colour in the picture can be looked up; the strip is as wide as the image.
+    """
+    typeface = font(size)
+    pad = max(2, size // 3)
+    probe = ImageDraw.Draw(image)
+    widths = [size + pad + (probe.textbbox((0, 0), text, font=typeface)[2]) for _, text in entries]
+    lines, x = [[]], pad
+    for entry, w in zip(entries, widths):
+        if lines[-1] and x + w > image.width - pad:
+            lines.append([])
+            x = pad
+        lines[-1].append((entry, x))
+        x += w + 2 * size
+    line_height = size + 2 * pad
+    out = Image.new("RGB", (image.width, image.height + len(lines) * line_height + pad), BACKGROUND)
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for n, line in enumerate(lines):
+        top = image.height + pad + n * line_height
+        for ((colour, text), left) in line:
+            box = [left, top + pad, left + size - 1, top + pad + size - 1]
+            draw.rectangle(box, fill=colour, outline=LEGEND_TEXT if colour is None else colour)
+            draw.text((left + size + pad, top + pad + size // 2), text, font=typeface, fill=LEGEND_TEXT, anchor="lm")
+    return out
 
 
 def picture_name(image_id: int, file_name: str | None) -> str:

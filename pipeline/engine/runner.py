@@ -152,14 +152,26 @@ def execute(
 
 
 def evaluate_output(job: JobSpec) -> dict:
-    """COCO metrics of the output against the input's ground truth, if it has any.
+    """Metrics of the output against the input's ground truth, for the types it has ground truth for.
 
-    Writes ``metrics.json`` and PR-curve PNGs into the output folder (format of ``pipeline eval``)
-    and returns each type's headline number for the summary: ``{"bbox_AP": ..., "semantic_mIoU": ...}``
-    (the first of its ``stat_keys``).
+    Annotations are ground truth for every type. Without them, a type is evaluated only if the
+    input holds ground truth of its own kind (:meth:`IoUType.has_own_ground_truth`, as
+    :func:`~pipeline.eval.evaluate` decides it): ``semantic`` with label maps (``label_map``, e.g.
+    ``pipeline data import-images --labels``). Writes ``metrics.json`` and PR-curve PNGs into the
+    output folder (format of ``pipeline eval``) and returns each type's headline number for the
+    summary: ``{"bbox_AP": ..., "semantic_mIoU": ...}`` (the first of its ``stat_keys``).
     """
     iou_types = metric_types(job)
-    if not iou_types or dataset_info(job.input)["annotations"] == 0:
+    if iou_types and dataset_info(job.input)["annotations"] == 0:
+        from pipeline.eval.groundtruth import load_ground_truth  # late: only an input without annotations needs it
+        from pipeline.eval.params import EvalInputError
+
+        try:
+            ground = load_ground_truth(job.input, segm=False, keypoints=False)  # ids and sizes: nothing else to load
+        except EvalInputError:  # shards without an annotations column: no ground truth of any kind
+            return {}
+        iou_types = [t for t in iou_types if get_iou_type(t).has_own_ground_truth(ground)]
+    if not iou_types:
         return {}
     metrics = evaluate([job.output], job.input, iou_types, out_dir=job.output)
     headline = {t: get_iou_type(t).stat_keys[0] for t in iou_types}

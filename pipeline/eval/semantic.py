@@ -31,8 +31,13 @@ these are exactly detectron2's formulas.
 Ground truth per image (a ``(h, w)`` map of class indices):
 
 * a ``label_map`` column (:data:`LABEL_MAP`: PNG bytes, 8-bit grey or palette read by index, pixel
-  value = category id, 255 = ignore) wins where the row has one; any other value is an error
-  naming the image;
+  value = category id, 255 = ignore; read by :mod:`pipeline.data.label_maps`) wins where the row
+  has one; any other value is an error naming the image;
+* in a **label-map dataset** (its ``dataset.json`` info says ``semantic_ground_truth: label_map``,
+  as ``pipeline data import-images --labels`` writes it), a row without a label map (no label
+  file, or one the import refused: an error row) has **no** ground truth: the image is left out
+  -- neither its pixels nor its prediction count, it is not all background -- and counted as
+  ``images_without_label_map``; ``images`` counts the images evaluated;
 * otherwise the instance annotations: background everywhere, then each non-crowd annotation's
   mask painted with its category **in annotation order, so where masks overlap the later
   annotation wins**; then crowd regions (``iscrowd=1``) painted ignore, over everything. An
@@ -65,7 +70,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline import schema
-from pipeline.data.shards import list_shards, publish_bytes, read_shard, resolve, shard_schema
+from pipeline.data.label_maps import UNLABELLED, category_map, is_label_map_dataset
+from pipeline.data.label_maps import decode_png_label_map as _decode_png
+from pipeline.data.shards import list_shards, publish_bytes, read_meta, read_shard, resolve, shard_schema
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
 from pipeline.eval.shard_tasks import is_results_file, read_checked_table, read_shard_image_ids, run_tasks, state_path, want_ray
@@ -116,18 +123,8 @@ class Classes:
 
 
 def decode_png_label_map(data: bytes, *, where: str) -> np.ndarray:
-    """PNG bytes -> (h, w) uint8 values; palette PNGs are read by index (as VOC stores them)."""
-    from PIL import Image  # late: only label-map ground truth needs it
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode not in ("L", "P"):
-                raise EvalInputError(f"{where}: label map is a {im.mode} image; expected 8-bit grey or palette (values = category ids)")
-            return np.asarray(im, dtype=np.uint8)
-    except EvalInputError:
-        raise
-    except Exception as exc:  # PIL raises many types for broken files
-        raise EvalInputError(f"{where}: cannot read the label map PNG: {exc}") from exc
+    """PNG bytes -> (h, w) uint8 values (:func:`pipeline.data.label_maps.decode_png_label_map`), errors as EvalInputError."""
+    return _decode_png(data, where=where, error=EvalInputError)
 
 
 def gt_from_label_map(values: np.ndarray, classes: Classes, *, where: str) -> np.ndarray:
@@ -181,34 +178,17 @@ def gt_from_annotations(ground: GroundTruth, image_id: int, h: int, w: int, clas
 
 def prediction_indices(ids, masks, h: int, w: int, classes: Classes, counts: Counter, *, where: str) -> np.ndarray:
     """Class indices of one predicted image (``classes.n`` = unlabelled)."""
-    ids, masks = list(ids or []), list(masks or [])
-    if len(ids) != len(masks):
-        raise EvalInputError(f"{where}: {len(ids)} {schema.SEMANTIC_CATEGORY_IDS} but {len(masks)} {schema.SEMANTIC_MASKS}")
+    categories = category_map(ids, masks, h, w, where=where, error=EvalInputError)
     index = classes.index()
-    out = np.full((h, w), classes.n, np.int64)
-    covered = np.zeros((h, w), bool)
-    for n, (c, rle) in enumerate(zip(ids, masks)):
-        what = f"{where}: semantic mask {n} (category {c})"
-        if rle is None or rle.get("size") is None or rle.get("counts") is None:
-            raise EvalInputError(f"{what}: null mask")
-        size = [int(v) for v in rle["size"]]
-        if size != [h, w]:
-            raise EvalInputError(f"{what} is {size[0] if size else '?'}x{size[1] if len(size) > 1 else '?'}, the image is {h}x{w}")
-        try:
-            m = mask_utils.decode({"size": size, "counts": rle["counts"].encode()}).astype(bool)
-        except Exception as exc:  # pycocotools raises bare errors on malformed counts
-            raise EvalInputError(f"{what}: unreadable RLE: {exc}") from exc
-        if m.shape != (h, w):
-            raise EvalInputError(f"{what}: RLE decodes to {m.shape}, the image is {h}x{w}")
-        if (covered & m).any():
-            raise EvalInputError(f"{what} overlaps an earlier mask of the image; semantic masks must not overlap")
-        covered |= m
-        if c is None or int(c) == -1:
+    for c in ids or []:
+        if c is None or int(c) == UNLABELLED:
             counts["unmapped_category_masks"] += 1
         elif int(c) not in index:
             counts["unknown_category_masks"] += 1
-        else:
-            out[m] = index[int(c)]
+    lut_ids = np.asarray(classes.ids, np.int64)
+    out = np.full((h, w), classes.n, np.int64)
+    known = np.isin(categories, lut_ids)
+    out[known] = np.searchsorted(lut_ids, categories[known])  # classes.ids is sorted: position = class index
     return out
 
 
@@ -281,7 +261,8 @@ def evaluate_semantic(
     """The ``semantic`` entry of ``metrics.json`` for ``pred_paths`` (prediction datasets) against ``ground``."""
     classes = Classes.from_categories(ground.categories)
     label_maps = read_label_maps(ground.source)
-    units = _plan(pred_paths, ground, label_maps, classes, iou_type, use_state=use_state)
+    left_out = images_without_ground_truth(ground, label_maps)
+    units = _plan(pred_paths, ground, label_maps, classes, iou_type, use_state=use_state, left_out=left_out)
     pending = [u for u in units if u.conf is None]
     ray_tasks = _run(pending, ground, label_maps, classes, iou_type,
                      use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus)
@@ -292,7 +273,8 @@ def evaluate_semantic(
         total += u.conf
         counts.update(u.counts)
     claimed = np.concatenate([u.image_ids for u in units]) if units else np.zeros(0, np.int64)
-    uncovered = np.setdiff1d(ground.image_ids, claimed)
+    evaluated = np.setdiff1d(ground.image_ids, left_out)
+    uncovered = np.setdiff1d(evaluated, claimed)
     if len(uncovered):  # GT images no prediction holds: every labelled pixel is a miss
         conf, c = _shard_matrix(None, ground.subset(uncovered), _subset(label_maps, uncovered), classes, uncovered, where="")
         total += conf
@@ -300,7 +282,8 @@ def evaluate_semantic(
     result = semantic_metrics(total, classes)
     skipped = {k: int(counts[k]) for k in sorted(counts) if k in _SKIP_KEYS and counts[k]}
     result["counts"] = {
-        "images": int(len(ground.image_ids)),
+        "images": int(len(evaluated)),
+        "images_without_label_map": int(len(left_out)),
         "images_without_predictions": int(len(uncovered)),
         "error_rows": int(counts["error_rows"]),
         "pixels": int(total[: classes.n, :].sum()),
@@ -322,7 +305,7 @@ _SKIP_KEYS = ("unmapped_category_masks", "unknown_category_masks", "null_predict
 def read_label_maps(gt_path: str) -> dict[int, bytes]:
     """``image_id -> PNG bytes`` of a ground-truth dataset's :data:`LABEL_MAP` column (non-null rows only);
     empty for a COCO file or a dataset without the column."""
-    if gt_path.endswith(".json") and "://" not in gt_path and os.path.isfile(gt_path):
+    if _is_coco_file(gt_path):
         return {}
     out: dict[int, bytes] = {}
     for shard in list_shards(gt_path):
@@ -335,17 +318,31 @@ def read_label_maps(gt_path: str) -> dict[int, bytes]:
     return out
 
 
+def images_without_ground_truth(ground: GroundTruth, label_maps: dict[int, bytes]) -> np.ndarray:
+    """Image ids (sorted) that semantic evaluation leaves out: in a dataset whose semantic ground truth
+    is its label maps (``dataset.json`` says so: ``import-images --labels``), the images without one
+    (no label file, or one the import refused). Empty for any other ground truth."""
+    if _is_coco_file(ground.source) or not is_label_map_dataset(read_meta(ground.source)):
+        return np.zeros(0, np.int64)
+    return np.setdiff1d(ground.image_ids, np.fromiter(label_maps, np.int64, len(label_maps)))
+
+
+def _is_coco_file(path: str) -> bool:
+    return path.endswith(".json") and "://" not in path and os.path.isfile(path)
+
+
 def _subset(label_maps: dict[int, bytes], ids) -> dict[int, bytes]:
     return {int(i): label_maps[int(i)] for i in ids if int(i) in label_maps}
 
 
-def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state) -> list[SemUnit]:
+def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state, left_out) -> list[SemUnit]:
     units, seen = [], np.zeros(0, np.int64)
     for path in pred_paths:
         if is_results_file(path):
             raise EvalInputError(f"{path}: --iou-type semantic reads a prediction dataset (a segment stage's output), not a results file")
         for shard in list_shards(path):
             data, ids = read_shard_image_ids(shard, ground)
+            ids = np.setdiff1d(ids, left_out, assume_unique=True)  # no ground truth: not evaluated
             claimed = np.setdiff1d(ids, seen, assume_unique=True)
             seen = np.union1d(seen, claimed)
             sha = hashlib.sha256(data).hexdigest()

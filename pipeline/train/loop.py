@@ -1,11 +1,14 @@
 """The per-worker training loop (runs inside Ray Train workers) and the checkpoint format.
 
-Each worker reads its split of the training shards (Ray Data, streamed), steps the model (DDP
+Each worker reads its split of the training shards (Ray Data, streamed), turns rows into samples
+and a loss with the objective of the model's kind (:class:`pipeline.train.targets.DetectionObjective`,
+:class:`pipeline.train.semantic_objective.SemanticObjective`), steps the model (DDP
 over gloo on CPU, NCCL on GPUs, via ``ray.train.torch.prepare_model``), and at each epoch end
 rank 0 writes a checkpoint and evaluates on the validation set. A checkpoint folder holds:
 
 * ``model.pth``: ``{"model": state_dict, "model_name", "num_classes", "categories", "build_kwargs"}``,
-  the format the inference stages load by path (``weights: OUT/model.pth``);
+  the format the inference stages load by path (``weights: OUT/model.pth``); a semantic model's
+  also has ``"resize": None``: the ``segment`` stage runs it at native resolution, as it trained;
 * ``train_state.pt``: optimizer state, epoch and step, so a run resumes where it stopped;
 * ``history.json``: the metrics of every epoch so far (a resumed run keeps its past).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -24,7 +28,8 @@ import torch
 from pipeline.models.registry import check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.train_spec import TrainSpec
-from pipeline.train.targets import empty_sample, row_to_sample
+from pipeline.train.semantic_objective import SemanticObjective
+from pipeline.train.targets import DetectionObjective
 from pipeline.train.validate import validate_checkpoint
 
 MODEL_FILE = "model.pth"
@@ -32,8 +37,20 @@ STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"  # metrics of every epoch so far, carried from checkpoint to checkpoint
 
 
+def say(message: str) -> None:
+    """One progress line to the worker's stdout, which Ray forwards to the driver's console.
+
+    Not ``print``: Ray Train patches it in its workers to log the message *and*, because Ray has
+    replaced ``sys.stdout``, print it too, so every line reached the console twice.
+    """
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def build_kwargs(spec: TrainSpec) -> dict:
     """The builder's arguments besides weights and classes; checkpoints carry them for the stages."""
+    if spec.semantic:  # fully convolutional: no resize inside the model
+        return dict(spec.model_kwargs)
     return {"min_size": spec.min_size, "max_size": spec.max_size, **spec.model_kwargs}
 
 
@@ -59,7 +76,18 @@ def checkpoint_payload(spec: TrainSpec, model: torch.nn.Module, categories: list
         "num_classes": len(categories) + 1,
         "categories": categories,  # [{"label", "id", "name"}]: label -> dataset category id
         "build_kwargs": build_kwargs(spec),
-    }
+    } | ({"resize": None} if spec.semantic else {})
+
+
+def make_objective(spec: TrainSpec, model: torch.nn.Module, config: dict, rank: int):
+    """The samples-and-loss object of the model's kind (see the module docstring)."""
+    label_of = {c["id"]: c["label"] for c in config["categories"]}
+    if spec.semantic:
+        return SemanticObjective(label_of, crop=spec.crop_size, hflip=spec.hflip, weights=config.get("class_weights"), seed=spec.seed * 1000 + rank)
+    task = get_entry(spec.model).task
+    return DetectionObjective(
+        label_of, with_masks=task == "masks", num_keypoints=model_keypoints(model) if task == "keypoints" else 0, blank_size=spec.min_size
+    )
 
 
 def lr_factor(step: int, progress: float, warmup: int) -> float:
@@ -68,7 +96,8 @@ def lr_factor(step: int, progress: float, warmup: int) -> float:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point: ``config = {"spec": TrainSpec dict, "categories": [...], "rows": int}``."""
+    """Ray Train entry point: ``config = {"spec": TrainSpec dict (set keys), "categories": [...], "rows": int,
+    "class_weights": [...] or None}``."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -76,16 +105,13 @@ def train_loop(config: dict) -> None:
 
     spec = TrainSpec.model_validate(config["spec"])
     categories = config["categories"]
-    label_of = {c["id"]: c["label"] for c in categories}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(spec.threads or max(1, math.ceil(spec.worker_num_cpus)))
     torch.manual_seed(spec.seed + rank)
 
     model = build_train_model(spec, len(categories) + 1)
-    task = get_entry(spec.model).task
-    with_masks = task == "masks"
-    num_keypoints = model_keypoints(model) if task == "keypoints" else 0
+    objective = make_objective(spec, model, config, rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_spec = spec.optimizer
     if opt_spec.name == "adamw":
@@ -113,8 +139,6 @@ def train_loop(config: dict) -> None:
     budget = spec.time_limit_minutes * 60 if spec.time_limit_minutes else None
     started = time.time() - elapsed_before
     shard = ray.train.get_dataset_shard("train")
-    # Stands in for a batch in which no image could be read: every worker must still step.
-    blank = empty_sample(spec.min_size, with_masks=with_masks, num_keypoints=num_keypoints)
 
     for epoch in range(start_epoch, spec.epochs):
         model.train()
@@ -139,16 +163,11 @@ def train_loop(config: dict) -> None:
             samples = []
             for row in batch.to_pylist():
                 try:
-                    samples.append(row_to_sample(row, label_of, with_masks=with_masks, num_keypoints=num_keypoints))
+                    samples.append(objective.sample(row))
                 except Exception as exc:  # noqa: BLE001 - a corrupt image is skipped and counted, not fatal
                     skipped += 1
-                    print(f"rank {rank}: skipping image {row['image_id']}: {type(exc).__name__}: {exc}", flush=True)
-            if not samples:
-                samples = [blank]
-            images = [img.to(device) for img, _ in samples]
-            targets = [{k: v.to(device) for k, v in t.items()} for _, t in samples]
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
+                    say(f"rank {rank}: skipping image {row['image_id']}: {type(exc).__name__}: {exc}")
+            loss = objective.loss(model, samples or [objective.blank()], device)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -158,10 +177,9 @@ def train_loop(config: dict) -> None:
                 window = losses[-spec.log_every_steps :]
                 rate = len(window) * spec.batch_size * world / max(1e-9, time.time() - window_start)
                 left = f", {max(0.0, budget - (time.time() - started)) / 60:.1f} min left" if budget else ""
-                print(
+                say(
                     f"epoch {epoch} step {step}/{total_steps}: loss {np.mean(window):.3f}, "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {rate:.1f} img/s{left}",
-                    flush=True,
+                    f"lr {optimizer.param_groups[0]['lr']:.2e}, {rate:.1f} img/s{left}"
                 )
                 window_start = time.time()
         if world > 1:
@@ -192,7 +210,7 @@ def train_loop(config: dict) -> None:
                 history.append(metrics)
                 with open(os.path.join(folder, HISTORY_FILE), "w", encoding="utf-8") as f:
                     json.dump(history, f, indent=2)
-                print(f"epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "epoch"), flush=True)
+                say(f"epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
                 checkpoint = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
         if stop:

@@ -15,12 +15,20 @@ from pipeline import schema
 from pipeline.data.shards import iter_shard
 
 TRAIN_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.ERROR]
-TRAIN_SCHEMA = pa.schema([schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS])
+# label maps: semantic ground truth of label-map datasets (null where a shard has none)
+TRAIN_SCHEMA = pa.schema([schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS] + [pa.field(schema.LABEL_MAP, schema.LABEL_MAP_TYPE)])
 
 
-def read_training_rows(batch: pa.Table, *, shards: list[str]):
-    """Ray Data UDF (generator): rows of the shards named by index, error rows left out."""
+def read_training_rows(batch: pa.Table, *, shards: list[str], label_maps_only: bool = False):
+    """Ray Data UDF (generator): rows of the shards named by index, error rows left out.
+
+    ``label_maps_only``: in a label-map dataset (``import-images --labels``) a row without a label
+    map has no ground truth (it is not all background), so it is left out too.
+    """
     for index in batch["shard_index"].to_pylist():
-        for table in iter_shard(shards[index], 64, columns=TRAIN_COLUMNS):
+        for table in iter_shard(shards[index], 64, columns=TRAIN_SCHEMA.names):
             table = schema.conform(table, TRAIN_SCHEMA)
-            yield table.filter(pc.is_null(table[schema.ERROR])).drop_columns([schema.ERROR])
+            keep = pc.is_null(table[schema.ERROR])
+            if label_maps_only:
+                keep = pc.and_(keep, pc.is_valid(table[schema.LABEL_MAP]))
+            yield table.filter(keep).drop_columns([schema.ERROR])

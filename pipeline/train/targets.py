@@ -83,3 +83,26 @@ def empty_sample(size: int, *, with_masks: bool, num_keypoints: int = 0) -> tupl
     if num_keypoints:
         target["keypoints"] = torch.zeros((0, num_keypoints, 3))
     return torch.full((3, size, size), 0.5), target
+
+
+class DetectionObjective:
+    """Samples and loss for a torchvision detection model, which computes its own losses in train mode.
+
+    ``sample(row) -> (image (3, H, W) float in [0, 1], target dict)`` (see the module docstring);
+    ``loss(model, samples, device)``: the sum of the model's loss dict.
+    """
+
+    def __init__(self, label_of: dict[int, int], *, with_masks: bool, num_keypoints: int, blank_size: int):
+        self.label_of, self.with_masks, self.num_keypoints, self.blank_size = label_of, with_masks, num_keypoints, blank_size
+
+    def sample(self, row: dict) -> tuple[torch.Tensor, dict]:
+        return row_to_sample(row, self.label_of, with_masks=self.with_masks, num_keypoints=self.num_keypoints)
+
+    def blank(self) -> tuple[torch.Tensor, dict]:
+        """Stands in for a batch in which no image could be read: every worker must still step."""
+        return empty_sample(self.blank_size, with_masks=self.with_masks, num_keypoints=self.num_keypoints)
+
+    def loss(self, model: torch.nn.Module, samples: list, device: torch.device) -> torch.Tensor:
+        images = [img.to(device) for img, _ in samples]
+        targets = [{k: v.to(device) for k, v in t.items()} for _, t in samples]
+        return sum(model(images, targets).values())

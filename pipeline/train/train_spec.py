@@ -1,13 +1,22 @@
-"""The typed training spec (``pipeline train TRAIN.yaml``); unknown keys are errors, like job specs."""
+"""The typed training spec (``pipeline train TRAIN.yaml``); unknown keys are errors, like job specs.
+
+One spec trains both kinds of model the stages run: detectors (``detect``/``masks``/``keypoints``
+stages; images resized by the model to ``min_size``/``max_size``) and semantic segmentation
+models (``segment`` stage; random ``crop_size`` crops at native resolution, class-weighted
+cross-entropy). Keys that only one kind uses are refused for the other, naming the key.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from pipeline.config.spec import Strict
-from pipeline.models.registry import require_detector
+from pipeline.models.registry import DETECTION_TASKS, get_entry
+
+DETECTOR_ONLY = ("min_size", "max_size")
+SEMANTIC_ONLY = ("crop_size", "hflip", "class_weights")
 
 
 class OptimizerSpec(Strict):
@@ -30,8 +39,13 @@ class TrainSpec(Strict):
         description="more keyword arguments for the model's builder (e.g. fpn_channels, box_batch_size_per_image); "
         "kept in the checkpoint so the stages build the same network",
     )
-    min_size: PositiveInt = Field(128, description="images are resized so their short side is this")
-    max_size: PositiveInt = 160
+    min_size: PositiveInt = Field(128, description="detectors: images are resized so their short side is this")
+    max_size: PositiveInt = Field(160, description="detectors: ... and their long side at most this")
+    crop_size: PositiveInt = Field(96, description="semantic models: random square crops of this side at native resolution")
+    hflip: bool = Field(True, description="semantic models: flip half of the crops left-right")
+    class_weights: Literal["sqrt_inverse_frequency", "none"] = Field(
+        "sqrt_inverse_frequency", description="semantic models: per-class loss weights from the training set's pixel counts"
+    )
     epochs: PositiveInt = 10
     steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps (the schedule fits it)")
     time_limit_minutes: PositiveFloat | None = Field(None, description="stop after this long (schedule fits it)")
@@ -47,4 +61,19 @@ class TrainSpec(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        return require_detector(value)  # pipeline train trains detectors (semantic models: not yet)
+        get_entry(value)  # raises listing the known models
+        return value
+
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> "TrainSpec":
+        wrong = DETECTOR_ONLY if self.semantic else SEMANTIC_ONLY
+        kind = "a semantic segmentation model" if self.semantic else "a detector"
+        for key in wrong:
+            if key in self.model_fields_set:
+                raise ValueError(f"{key}: not used when training {self.model} ({kind}); leave it out")
+        return self
+
+    @property
+    def semantic(self) -> bool:
+        """True for a semantic segmentation model (stage ``segment``), False for a detector."""
+        return get_entry(self.model).task not in DETECTION_TASKS

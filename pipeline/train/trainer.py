@@ -23,6 +23,7 @@ import torch
 
 from pipeline import schema
 from pipeline.config.load import ConfigError
+from pipeline.data.label_maps import is_label_map_dataset
 from pipeline.data.shards import (
     DatasetError,
     list_shards,
@@ -37,6 +38,7 @@ from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop
 from pipeline.train.reader import read_training_rows
+from pipeline.train.semantic_objective import class_weights, pixel_counts
 from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import label_categories
 
@@ -94,16 +96,16 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         raise ConfigError(f"{source}: train: {exc}") from exc
     categories = read_meta(spec.train).categories
     if not categories:
-        raise ConfigError(f"{source}: train: {spec.train} has no categories in dataset.json; cannot train a detector")
+        raise ConfigError(f"{source}: train: {spec.train} has no categories in dataset.json; nothing to learn to recognise")
     model = _build_on_meta(spec, categories, source)
     num_keypoints = model_keypoints(model) if get_entry(spec.model).task == "keypoints" else 0
     known = {int(c["id"]) for c in categories}
-    annotations = with_keypoints = 0
+    annotations = with_keypoints = label_maps = 0
     for shard in shards:
         names = shard_schema(shard).names
         if schema.IMAGE not in names or schema.IMAGE_ID not in names:
             raise ConfigError(f"{source}: train: {shard} has no {schema.IMAGE!r} or {schema.IMAGE_ID!r} column; is it an image dataset?")
-        table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR, schema.ANNOTATIONS) if c in names])
+        table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR, schema.ANNOTATIONS, schema.LABEL_MAP) if c in names])
         empty = _empty_images(table)
         if empty:
             more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
@@ -111,13 +113,16 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
                 f"{source}: train: {shard} has empty images (image_id {', '.join(map(str, empty[:5]))}{more}); "
                 "drop those rows or re-import the dataset"
             )
+        if spec.semantic and schema.LABEL_MAP in names:
+            label_maps += table[schema.LABEL_MAP].length() - table[schema.LABEL_MAP].null_count
         if schema.ANNOTATIONS not in names:
             continue
         flat = pc.list_flatten(table[schema.ANNOTATIONS])
         annotations += len(flat)
         with_keypoints += _check_annotations(flat, known, num_keypoints, shard, source)
-    if annotations == 0:
-        raise ConfigError(f"{source}: train: {spec.train} has no annotations to learn from")
+    if annotations == 0 and label_maps == 0:
+        what = "annotations or label maps" if spec.semantic else "annotations"
+        raise ConfigError(f"{source}: train: {spec.train} has no {what} to learn from")
     if num_keypoints and with_keypoints == 0:
         raise ConfigError(f"{source}: train: {spec.train} has no keypoints for {spec.model} to learn from")
     if spec.val and num_keypoints and num_keypoints != NUM_KEYPOINTS:
@@ -139,8 +144,36 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             check_state_dict(model, ckpt["model"], spec.weights, spec.model)
         except Exception as exc:  # noqa: BLE001 - report as a spec error naming the key
             raise ConfigError(f"{source}: weights: {exc}") from exc
-    rows = sum(shard_rows(s) for s in shards)
+    rows = label_maps if label_maps_only(spec) else sum(shard_rows(s) for s in shards)
     return shards, categories, rows
+
+
+def label_maps_only(spec: TrainSpec) -> bool:
+    """Whether training reads only the rows with a label map: a semantic model on a label-map dataset
+    (``import-images --labels``), where a row without one has no ground truth, not all background."""
+    return spec.semantic and is_label_map_dataset(read_meta(spec.train))
+
+
+CLASS_WEIGHT_ROWS = 512  # rows whose pixels are counted for the class weights (enough for stable frequencies)
+
+
+def semantic_class_weights(spec: TrainSpec, shards: list[str], categories: list[dict]) -> list[float] | None:
+    """A semantic model's per-class loss weights (model label order), from the first rows' pixels; None: unweighted."""
+    if not spec.semantic or spec.class_weights == "none":
+        return None
+    labelled = label_categories(categories)
+    label_of = {c["id"]: c["label"] for c in labelled}
+    rows: list[dict] = []
+    for shard in shards:
+        names = shard_schema(shard).names
+        columns = [c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.LABEL_MAP) if c in names]
+        table = read_shard(shard, columns=columns)
+        if label_maps_only(spec):
+            table = table.filter(pc.is_valid(table[schema.LABEL_MAP]))
+        rows += table.slice(0, CLASS_WEIGHT_ROWS - len(rows)).to_pylist()
+        if len(rows) >= CLASS_WEIGHT_ROWS:
+            break
+    return class_weights(pixel_counts(rows, label_of, len(labelled) + 1)).tolist()
 
 
 MATERIALIZE_BYTES = 2 * 1024**3  # training sets up to this size (encoded) are cached in the object store
@@ -194,7 +227,7 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ds = ray.data.from_items([{"shard_index": i} for i in range(len(shards))], override_num_blocks=len(shards))
-        ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
+        ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards, "label_maps_only": label_maps_only(spec)}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
         if _bytes_of(shards) <= MATERIALIZE_BYTES:
             # Small enough to keep in the object store: read once, not once per epoch. It also
             # spares the split coordinator from running the read plan every epoch, which on
@@ -203,7 +236,13 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
         resources = {"CPU": spec.worker_num_cpus} | ({"GPU": spec.worker_num_gpus} if spec.worker_num_gpus else {})
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"spec": spec.model_dump(mode="json"), "categories": label_categories(categories), "rows": rows},
+            train_loop_config={
+                # the keys set: the worker re-validates it, and keys of the other model kind are refused when set
+                "spec": spec.model_dump(mode="json", exclude_unset=True),
+                "categories": label_categories(categories),
+                "rows": rows,
+                "class_weights": semantic_class_weights(spec, shards, categories),
+            },
             scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.worker_num_gpus > 0, resources_per_worker=resources),
             datasets={"train": ds},
             run_config=RunConfig(name=RUN_NAME, storage_path=output, checkpoint_config=CheckpointConfig(num_to_keep=2)),

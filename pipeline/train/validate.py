@@ -1,7 +1,7 @@
-"""Validation COCO AP during training, through the same path a job takes.
+"""Validation AP (detectors) or mIoU (semantic models) during training, through the same path a job takes.
 
 The checkpoint the training loop just saved is run as a one-stage job over the validation
-dataset: the job spec a user would write (stage ``detect`` / ``masks`` / ``keypoints`` with that
+dataset: the job spec a user would write (stage ``detect`` / ``masks`` / ``keypoints`` / ``segment`` with that
 ``weights`` file), the engine's preflight, plan and shard writer
 (:func:`pipeline.engine.runner.execute` with ``local=True``: the same read -> decode -> stage
 steps, run in this training worker instead of in Ray actor pools), and
@@ -21,11 +21,13 @@ from pipeline.data.shards import DatasetMeta, write_meta
 from pipeline.engine.preflight import preflight
 from pipeline.engine.runner import execute, metric_types
 from pipeline.eval import evaluate
+from pipeline.eval.iou_types import get_iou_type
 from pipeline.models.registry import get_entry
 from pipeline.stages import get_stage_spec
 from pipeline.train.train_spec import TrainSpec
 
-STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints"}  # model task -> stage type
+STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints", "semantic": "segment"}  # model task -> stage type
+DETECTION_PARAMS = {"score_threshold": 0.05, "max_detections": 100}  # COCO evaluation's usual operating point
 
 
 def validation_job(weights: str, spec: TrainSpec, output: str, *, batch_size: int = 8) -> JobSpec:
@@ -37,18 +39,18 @@ def validation_job(weights: str, spec: TrainSpec, output: str, *, batch_size: in
             "type": stage_type,
             "model": spec.model,
             "weights": weights,
-            "score_threshold": 0.05,
-            "max_detections": 100,
             "category_map": "by_name",
             "batch_size": batch_size,
             "threads": torch.get_num_threads(),
         }
+        | ({} if spec.semantic else DETECTION_PARAMS)
     )
     return JobSpec(name=f"{spec.name}-validation", input=spec.val, output=output, stages=[stage])
 
 
 def validate_checkpoint(weights: str, spec: TrainSpec, *, batch_size: int = 8) -> dict:
-    """``{"val_bbox_AP": ..., "val_segm_AP": ...}`` of the checkpoint file ``weights`` on ``spec.val``."""
+    """``{"val_bbox_AP": ..., "val_segm_AP": ...}`` (detectors) or ``{"val_semantic_mIoU": ...}`` of the
+    checkpoint file ``weights`` on ``spec.val``: each type's headline number (its first stat key)."""
     with tempfile.TemporaryDirectory() as tmp:
         job = validation_job(weights, spec, os.path.join(tmp, "pred"), batch_size=batch_size)
         plan = preflight(job, "<validation>")
@@ -56,4 +58,5 @@ def validate_checkpoint(weights: str, spec: TrainSpec, *, batch_size: int = 8) -
         write_meta(job.output, DatasetMeta(categories=plan.categories, kind="predictions"))
         iou_types = metric_types(job)
         metrics = evaluate([job.output], job.input, iou_types, use_ray=False, use_state=False)
-    return {f"val_{t}_AP": round(float(metrics[t]["AP"]), 4) for t in iou_types}
+    headline = {t: get_iou_type(t).stat_keys[0] for t in iou_types}
+    return {f"val_{t}_{key}": round(float(metrics[t][key]), 4) for t, key in headline.items()}

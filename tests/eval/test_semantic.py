@@ -289,3 +289,45 @@ def test_bad_label_maps_and_overlapping_masks_are_errors_naming_the_image(tmp_pa
 
 def test_jobs_writing_semantic_masks_are_evaluated_automatically():
     assert iou_types_for_columns([schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS]) == ["semantic"]
+
+
+def test_in_a_label_map_dataset_an_image_without_one_is_left_out_and_counted(tmp_path):
+    """Image 3 has no label map. In a dataset whose dataset.json says label maps are its semantic
+    ground truth (import-images --labels), it has no ground truth: left out, prediction and all, and
+    counted; elsewhere it falls back to its (absent) annotations, i.e. all background."""
+    maps = {1: np.array([[0, 1, 1], [2, 2, 255]]), 2: np.array([[5, 5], [0, 1]]), 3: None}
+    sizes = {1: (2, 3), 2: (2, 2), 3: (4, 4)}
+    rows = [{schema.IMAGE_ID: i, schema.FILE_NAME: f"{i}.png", schema.WIDTH: sizes[i][1], schema.HEIGHT: sizes[i][0],
+             schema.ANNOTATIONS: [], LABEL_MAP: None if m is None else png(m)} for i, m in maps.items()]
+    table = pa.Table.from_pylist(rows, schema=schema.LABEL_MAP_IMAGE_SCHEMA)
+    preds = [pred_row(1, np.where(maps[1] == 255, 0, maps[1])), pred_row(2, maps[2]), pred_row(3, np.ones((4, 4), int))]
+    write_pred(str(tmp_path / "pred"), preds, shards=2)
+    results = {}
+    for marked in (True, False):
+        gt = str(tmp_path / f"gt-{marked}")
+        write_shard(gt + "/part-00000.parquet", table)
+        info = {schema.SEMANTIC_GROUND_TRUTH: schema.LABEL_MAP} if marked else {}
+        write_meta(gt, DatasetMeta(categories=CATEGORIES, info=info))
+        results[marked] = evaluate([str(tmp_path / "pred")], gt, ["semantic"], use_ray=False, use_state=False)["semantic"]
+    left_out = results[True]
+    assert left_out["mIoU"] == 1.0 and left_out["pACC"] == 1.0  # image 3's all-sky prediction is not held against it
+    c = left_out["counts"]
+    assert (c["images"], c["images_without_label_map"], c["images_without_predictions"], c["gt_label_maps"]) == (2, 1, 0, 2)
+    assert c["pixels"] == 5 + 4 and c["ignored_pixels"] == 1
+    fallback = results[False]
+    assert fallback["counts"]["images"] == 3 and fallback["counts"]["images_without_label_map"] == 0
+    assert fallback["per_category"]["background"]["ACC"] == pytest.approx(2 / (2 + 16))  # 16 background pixels predicted sky
+    assert fallback["mIoU"] < 1.0
+
+
+def test_left_out_images_are_not_missing_predictions(tmp_path):
+    """A label-map dataset's image without a label map and without a prediction is neither a miss nor an error."""
+    rows = [{schema.IMAGE_ID: i, schema.FILE_NAME: f"{i}.png", schema.WIDTH: 2, schema.HEIGHT: 2, schema.ANNOTATIONS: [],
+             LABEL_MAP: png(np.array([[1, 0], [0, 2]])) if i == 1 else None} for i in (1, 2)]
+    gt = str(tmp_path / "gt")
+    write_shard(gt + "/part-00000.parquet", pa.Table.from_pylist(rows, schema=schema.LABEL_MAP_IMAGE_SCHEMA))
+    write_meta(gt, DatasetMeta(categories=CATEGORIES, info={schema.SEMANTIC_GROUND_TRUTH: schema.LABEL_MAP}))
+    write_pred(str(tmp_path / "pred"), [pred_row(1, np.array([[1, 0], [0, 2]]))], shards=1)
+    m = evaluate([str(tmp_path / "pred")], gt, ["semantic"], use_ray=False)["semantic"]
+    assert m["mIoU"] == 1.0
+    assert (m["counts"]["images"], m["counts"]["images_without_label_map"], m["counts"]["images_without_predictions"]) == (1, 1, 0)
