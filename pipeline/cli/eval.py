@@ -1,4 +1,4 @@
-"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall, semantic segmentation mIoU).
+"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall, semantic mIoU, classification accuracy).
 
 Register with::
 
@@ -73,9 +73,10 @@ def _iou_type_help() -> str:
 def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -> None:
     """Evaluate predictions against ground truth.
 
-    COCO AP/AR (bbox, segm, keypoints), proposal recall, or semantic segmentation mIoU. PRED is a prediction dataset (job output) or a COCO results JSON file; give several to merge
-    runs (an image predicted twice counts once). COCO numbers equal pycocotools' COCOeval; semantic
-    follows detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC).
+    COCO AP/AR (bbox, segm, keypoints), proposal recall, semantic segmentation mIoU, or
+    classification top-1/top-5. PRED is a prediction dataset (job output) or a COCO results JSON
+    file; give several to merge runs (an image predicted twice counts once). COCO numbers equal
+    pycocotools' COCOeval; semantic follows detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC).
     """
     from pipeline.eval.evaluation import evaluate
     from pipeline.eval.report import per_category_rows, summary_table

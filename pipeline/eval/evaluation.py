@@ -103,7 +103,7 @@ def evaluate(
             predicted in more than one is counted once (the first path wins).
         gt: a dataset with ``annotations`` or a COCO annotations JSON file.
         iou_types: names (or entries) of :mod:`~pipeline.eval.iou_types`: ``bbox``, ``segm``,
-            ``keypoints``, ``proposals`` (one prediction dataset only), ``semantic``.
+            ``keypoints``, ``proposals`` (one prediction dataset only), ``semantic``, ``classification``.
         out_dir: if given, ``metrics.json`` (every type) and ``pr_<iou_type>.png`` (types matched
             per image) are written there.
         method: per-image matching, ``vectorized`` or ``pycocotools`` (identical numbers).

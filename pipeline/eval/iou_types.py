@@ -16,7 +16,8 @@ Two kinds of entry:
   views hold, and its IoU (OKS) matrix per (image, category) group -- plus, for ``bbox``, the
   same floats for many groups at once (the hot path).
 * **self-contained** (``proposals``: class-agnostic recall; ``semantic``: a confusion matrix per
-  shard, as detectron2's ``SemSegEvaluator``, :mod:`~pipeline.eval.semantic`):
+  shard, as detectron2's ``SemSegEvaluator``, :mod:`~pipeline.eval.semantic`; ``classification``:
+  top-1/top-5 hits per category per shard, :mod:`~pipeline.eval.classification`):
   :meth:`IoUType.evaluate` does the whole evaluation (its own per-shard tasks and state, if any,
   under the ``use_state`` / ``use_ray`` options it is given) and returns the type's
   ``metrics.json`` entry; the CLI choice, the ``metrics.json`` writer and
@@ -344,6 +345,46 @@ class SemanticSegmentation(IoUType):
         )
 
 
+class Classification(IoUType):
+    """Image classification against image-level labels (the ground truth's ``label`` column): top-1
+    and top-5 accuracy and per-category top-1 recall, from per-shard hit counts (Ray tasks, saved
+    under ``PRED/eval/classification/``), summed. Definitions (unlabelled images, missing images,
+    when top-5 is null): :mod:`pipeline.eval.classification`.
+    """
+
+    name = "classification"
+    stat_keys = ("top1", "top5")
+    ray_min_images = 200_000  # a few list lookups per image: Ray's start-up only pays off for very large sets
+    help = "top-1/top-5 accuracy of a classify stage against image labels"
+    title = "classification (image-level labels; unlabelled images left out)"
+
+    @property
+    def pred_columns(self):
+        s = _schema()
+        return (s.CLASS_LABELS, s.CLASS_SCORES, s.CLASS_CATEGORY_IDS)
+
+    @property
+    def stat_labels(self):
+        return {"top1": "best class is the label", "top5": "label among the 5 best (null below 5 categories)"}
+
+    def evaluate(self, pred_paths, ground, **options):
+        from pipeline.eval.classification import evaluate_classification  # late: pyarrow, not for `pipeline --help`
+
+        return evaluate_classification(pred_paths, ground, self, **options)
+
+    def has_own_ground_truth(self, ground):
+        from pipeline.eval.classification import read_labels  # late: pyarrow, not for `pipeline --help`
+
+        return bool(read_labels(ground))
+
+    def counts_text(self, c):
+        return (
+            f"{self.name}: {c['images']} labelled images ({c['images_without_label']} without label, "
+            f"{c['images_without_predictions']} without predictions, {c['error_rows']} error rows), "
+            f"{c['top1_hits']} top-1 hits, {c['shards']} shard(s) ({c['shards_from_state']} from saved state)"
+        )
+
+
 # --- the registry -----------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, IoUType] = {}
@@ -381,6 +422,7 @@ def iou_types_for_columns(columns) -> list[str]:
 for _entry in (BBoxType(), SegmType(), KeypointsType(), ProposalRecall()):
     register(_entry)
 register(SemanticSegmentation())
+register(Classification())
 
 IOU_TYPES = tuple(_REGISTRY)
-"""The built-in names: ``bbox``, ``segm``, ``keypoints``, ``proposals``, ``semantic``."""
+"""The built-in names: ``bbox``, ``segm``, ``keypoints``, ``proposals``, ``semantic``, ``classification``."""

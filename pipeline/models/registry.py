@@ -28,7 +28,8 @@ from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoi
 class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]  # builder(weights=, weights_backbone=, num_classes=, **kwargs)
-    task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints), "semantic" (a label per pixel)
+    task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints), "semantic" (a label per pixel),
+    # "classify" (one set of class scores per image)
     score_kwarg: str
     max_dets_kwarg: str
 
@@ -52,7 +53,7 @@ def require_detector(name: str) -> str:
     if entry.task not in DETECTION_TASKS:
         raise ValueError(
             f"model {name} is a {entry.task} model, not a detector (detectors: {', '.join(sorted(n for t in DETECTION_TASKS for n in list_models(t)))}); "
-            "semantic segmentation models run in stage 'segment'"
+            "semantic segmentation models run in stage 'segment', classifiers in stage 'classify'"
         )
     return name
 
@@ -96,8 +97,10 @@ def _accepted_kwargs(name: str, model_class: type) -> frozenset[str]:
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     functions = [builder]
-    if get_entry(name).task != "semantic":  # semantic builders use their named keywords only and drop the rest
+    task = get_entry(name).task
+    if task in DETECTION_TASKS:  # detectors hand unknown keywords on to their transform
         functions.append(GeneralizedRCNNTransform.__init__)
+    if task != "semantic":  # semantic builders use their named keywords only and drop the rest
         functions += [c.__init__ for c in model_class.__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
     return frozenset(
         p.name
@@ -142,10 +145,31 @@ def _register_torchvision_semantic() -> None:
         register(ModelEntry(name, _torchvision_builder(name), "semantic", "", ""))
 
 
+def _torchvision_classifier_builder(name: str) -> Callable[..., nn.Module]:
+    """torchvision's classifier builder, taking (and dropping) ``weights_backbone`` like the other builders.
+
+    A classifier has no separate backbone, and its builder hands unknown keywords to the model's
+    constructor, which raises on ``weights_backbone``; the callers here (build_model, the meta-device
+    shape check) pass it to every builder.
+    """
+
+    def build(*, weights_backbone=None, **kwargs) -> nn.Module:
+        return torchvision.models.get_model(name, **kwargs)
+
+    return build
+
+
+def _register_torchvision_classify() -> None:
+    """``model(x)`` is (N, num_classes) logits for x (N, 3, H, W) normalised; the quantized variants are left out."""
+    for name in torchvision.models.list_models(module=torchvision.models):
+        register(ModelEntry(name, _torchvision_classifier_builder(name), "classify", "", ""))
+
+
 _register_torchvision()
 register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh", "box_detections_per_img"))
 _register_torchvision_semantic()
 register(ModelEntry("small_unet", small_unet, "semantic", "", ""))
+_register_torchvision_classify()
 
 
 def build_model(

@@ -49,6 +49,7 @@ plus ``register(BlurSpec)`` here.
 from __future__ import annotations
 
 from pipeline.config.spec import StageSpec
+from pipeline.stages.classify import ClassifySpec
 from pipeline.stages.detect import DetectSpec
 from pipeline.stages.keypoints import KeypointsSpec
 from pipeline.stages.masks import MasksSpec
@@ -80,3 +81,4 @@ register(KeypointsSpec)
 register(ProposalsSpec)
 register(StyleSpec)
 register(SegmentSpec)
+register(ClassifySpec)

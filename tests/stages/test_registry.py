@@ -43,6 +43,7 @@ TINY: dict[str, dict] = {
     "proposals": {"method": "selective_search", "top_k": 10},
     "style": {"method": "network", "model": "{checkpoint}", "format": "png"},
     "segment": {"model": "lraspp_mobilenet_v3_large", "num_classes": 3, "resize": 64},
+    "classify": {"model": "mobilenet_v3_small", "num_classes": 4, "top_k": 2, "resize": 40, "crop": 32},
 }
 # Column modes beside each type's default: keys that change what a stage reads or writes.
 MODES = [
