@@ -25,7 +25,7 @@ DETECT = [schema.BOXES, schema.SCORES, schema.LABELS, schema.CATEGORY_IDS]
 
 
 def test_builtin_types():
-    assert IOU_TYPES == ("bbox", "segm", "keypoints", "proposals", "semantic") == tuple(list_iou_types())
+    assert IOU_TYPES == ("bbox", "segm", "keypoints", "proposals", "semantic", "classification") == tuple(list_iou_types())
     assert NUM_KEYPOINTS == 17
 
 
