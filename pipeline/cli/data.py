@@ -51,30 +51,43 @@ def import_coco_cmd(images_dir: str, annotations_file: str, rows_per_shard: int,
               help="Folder of VOC-style label PNGs (pixel = category id, 255 = ignore), same relative path as each image.")
 @click.option("--categories", "categories_file", type=click.Path(dir_okay=False),
               help="JSON list of COCO categories {id, name}, or of names (index = id); default: ids found, class_<id>.")
+@click.option("--class-folders", is_flag=True,
+              help="ImageFolder layout IMAGES_DIR/<class>/**/<image>: each image labelled by its class folder (ids 1..K, sorted names).")
 @click.option("--rows-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet shard.")
 @click.option("--overwrite", is_flag=True, help="Replace the dataset already at OUT (its shards and dataset.json).")
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.argument("out")
 @user_errors
-def import_images_cmd(images_dir: str, out: str, labels_dir: str | None, categories_file: str | None, rows_per_shard: int,
-                      overwrite: bool) -> None:
-    """Import a folder of images (optionally with label maps) into shards at OUT.
+def import_images_cmd(images_dir: str, out: str, labels_dir: str | None, categories_file: str | None, class_folders: bool,
+                      rows_per_shard: int, overwrite: bool) -> None:
+    """Import a folder of images (optionally with label maps, or labelled by class folder) into shards at OUT.
 
     With --labels, IMAGES_DIR/a/b.jpg takes LABELS_DIR/a/b.png as its semantic ground truth; an
-    image without one is kept, and left out of semantic evaluation.
+    image without one is kept, and left out of semantic evaluation. With --class-folders,
+    IMAGES_DIR/cat/x.jpg gets the image label "cat" (as torchvision's ImageFolder reads it), for
+    pipeline eval --iou-type classification.
     """
     from pipeline.data.importers import import_images
 
     result = import_images(images_dir, out, rows_per_shard=rows_per_shard, overwrite=overwrite,
-                           labels_dir=labels_dir, categories_file=categories_file)
+                           labels_dir=labels_dir, categories_file=categories_file, class_folders=class_folders)
     _report(result, out)
     if labels_dir:
         _report_labels(result, labels_dir)
+    if class_folders:
+        categories = result["categories"]
+        click.echo(f"  class folders: {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}: "
+                   + _first_8([f"{c['id']} {c['name']}" for c in categories]))
+        click.echo("  images per category: " + _first_8([f"{name} {n}" for name, n in result["images_per_category"].items()]))
+
+
+def _first_8(texts: list[str]) -> str:
+    return ", ".join(texts[:8]) + (", ..." if len(texts) > 8 else "")
 
 
 def _report_labels(result: dict, labels_dir: str) -> None:
     categories = result["categories"]
-    names = ", ".join(f"{c['id']} {c['name']}" for c in categories[:8]) + (", ..." if len(categories) > 8 else "")
+    names = _first_8([f"{c['id']} {c['name']}" for c in categories])
     click.echo(f"  label maps: {result['label_maps']} of {result['images']} image(s); "
                f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
                f"({'from the values found' if result['categories_inferred'] else 'from --categories'}): {names}")

@@ -1,4 +1,4 @@
-"""Turn what users arrive with (a COCO file + image folder, a bare image folder, or one with label maps) into shards.
+"""Turn what users arrive with (a COCO file + image folder, a bare image folder, one with label maps, or class folders) into shards.
 
 Image bytes are copied as found on disk (never re-encoded), so importing is lossless and fast.
 A row whose image cannot be read is still written, with ``image`` null and ``error`` saying why:
@@ -8,7 +8,7 @@ every image the user named is accounted for, and the job later reports it as an 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from PIL import Image
@@ -322,8 +322,9 @@ def import_images(
     overwrite: bool = False,
     labels_dir: str | None = None,
     categories_file: str | None = None,
+    class_folders: bool = False,
 ) -> dict:
-    """Import every image file under ``images_dir`` (recursively); unlabelled, or with label maps.
+    """Import every image file under ``images_dir`` (recursively); unlabelled, with label maps, or by class folder.
 
     ``image_id`` is 1..N in sorted relative-path order, so re-importing the same folder gives the
     same ids. Width/height come from the file header (no full decode).
@@ -343,10 +344,23 @@ def import_images(
       else from the values found: ids 1..max, named ``class_<id>``.
 
     A label folder that holds no image's label file is refused (almost always the wrong folder).
+
+    ``class_folders``: an image classification set in torchvision's ``ImageFolder`` layout,
+    ``IMAGES/<class>/**/<image>``. The categories are the sub-folders of ``images_dir`` in sorted name
+    order (as ``ImageFolder`` numbers them), with ids 1..K (``ImageFolder``'s index + 1) named after
+    the folders; each row's ``label`` column (:data:`pipeline.schema.LABEL`) is the id of its
+    top-level folder, also on an error row. ``dataset.json`` says (``info.labels_from``) where the
+    labels came from; the counts add ``categories`` and ``images_per_category`` (by name). Refused
+    before anything is written, as ``ImageFolder`` refuses them: image files directly in
+    ``images_dir`` (no class: most likely the wrong folder) and a class folder without images. Not
+    with ``labels_dir`` or ``categories_file``.
     """
     root = Path(images_dir)
     if not root.is_dir():
         raise DataImportError(f"not a folder: {images_dir}")
+    if class_folders and (labels_dir or categories_file):
+        raise DataImportError("--class-folders takes the categories and image labels from the folder names; "
+                              "it does not go with --labels or --categories (label maps)")
     if categories_file and not labels_dir:
         raise DataImportError("categories name the values of label maps: give --labels with --categories")
     labels = LabelFolder(Path(labels_dir), DataImportError) if labels_dir else None
@@ -357,6 +371,10 @@ def import_images(
     info = {"source": os.path.abspath(images_dir)}
     categories: list[dict] = []
     scans: dict[Path, tuple[Path, LabelScan]] = {}
+    label_of: dict[Path, int] = {}
+    if class_folders:
+        categories, label_of = _class_folders(root, files)
+        info |= {"labels_from": "class folders", "classification": True}
     if labels is not None:
         scans = _scan_labels(files, root, labels)
         if categories_file:
@@ -365,7 +383,8 @@ def import_images(
             categories = inferred_categories({v for _, scan in scans.values() if not scan.error for v in scan.values})
         info |= {"labels": os.path.abspath(labels_dir), schema.SEMANTIC_GROUND_TRUTH: schema.LABEL_MAP,
                  "categories_from": os.path.abspath(categories_file) if categories_file else "label values"}
-    writer = ShardWriter(out, rows_per_shard, schema.LABEL_MAP_IMAGE_SCHEMA if labels else schema.IMAGE_SCHEMA, overwrite=overwrite)
+    row_schema = schema.LABEL_IMAGE_SCHEMA if class_folders else schema.LABEL_MAP_IMAGE_SCHEMA if labels else schema.IMAGE_SCHEMA
+    writer = ShardWriter(out, rows_per_shard, row_schema, overwrite=overwrite)
     errors: list[str] = []
     with_label = 0
     for image_id, path in enumerate(files, start=1):
@@ -373,6 +392,8 @@ def import_images(
         if labels is not None:
             row[schema.LABEL_MAP], row[schema.ERROR] = _label_map(row, scans.get(path), categories)
             with_label += row[schema.LABEL_MAP] is not None
+        if class_folders:
+            row[schema.LABEL] = label_of[path]  # an error row keeps it: the image is still of that class
         if row[schema.ERROR]:
             errors.append(f"image {image_id}: {row[schema.ERROR]}")
         writer.add(row)
@@ -383,7 +404,33 @@ def import_images(
         result |= {"label_maps": with_label, "images_without_label_file": len(files) - len(scans),
                    "labels_without_image": labels.unused(), "categories": categories,
                    "categories_inferred": not categories_file}
+    if class_folders:
+        per_id = Counter(label_of.values())
+        result |= {"categories": categories, "images_per_category": {c["name"]: per_id[c["id"]] for c in categories}}
     return result
+
+
+def _class_folders(root: Path, files: list[Path]) -> tuple[list[dict], dict[Path, int]]:
+    """(categories, image file -> category id) of an ``ImageFolder`` layout; refuses loose images and empty classes."""
+    loose = [p.name for p in files if p.parent == root]
+    if loose:
+        raise DataImportError(
+            f"--class-folders: {len(loose)} image(s) lie directly in {root}, in no class folder (e.g. {', '.join(loose[:3])}); "
+            f"class folders hold the images ({root}/<class>/...): is this the right folder? Nothing was imported"
+        )
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())  # torchvision's find_classes
+    categories = [{"id": k, "name": name} for k, name in enumerate(names, start=1)]
+    id_of = {c["name"]: c["id"] for c in categories}
+    label_of = {p: id_of[p.relative_to(root).parts[0]] for p in files}
+    used = set(label_of.values())
+    empty = [c["name"] for c in categories if c["id"] not in used]
+    if empty:
+        raise DataImportError(
+            f"--class-folders: {len(empty)} class folder(s) of {root} hold no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; remove them or add images (torchvision's ImageFolder "
+            "refuses them too). Nothing was imported"
+        )
+    return categories, label_of
 
 
 def _image_row(image_id: int, path: Path, root: Path) -> dict:
