@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean model model-segment
+.PHONY: demo test bench clean model model-segment model-classify
 
 $(STAMP): pyproject.toml requirements.lock
 	@echo "==> creating $(VENV) and installing pinned dependencies (first run: a few minutes)"
@@ -50,6 +50,15 @@ model-segment: | $(STAMP)
 	$(BIN)/pipeline data synth demo-output/shapes-val --images 200 --seed 200
 	$(BIN)/pipeline train jobs/train_segment_shapes.yaml
 	cp demo-output/train_segment_shapes/model.pth $(SEGMENT_MODEL)
+
+# Train the classifier (small CNN, jobs/train_classify_shapes.yaml, ~5 min) and install it.
+model-classify: | $(STAMP)
+	@echo "==> training data: 3000 one-shape synthetic images (seed 100), 200 for validation (seed 200)"
+	@rm -rf demo-output/shapes-cls-train demo-output/shapes-cls-val demo-output/train_classify_shapes
+	$(BIN)/pipeline data synth demo-output/shapes-cls-train --images 3000 --seed 100 --classification
+	$(BIN)/pipeline data synth demo-output/shapes-cls-val --images 200 --seed 200 --classification
+	$(BIN)/pipeline train jobs/train_classify_shapes.yaml
+	cp demo-output/train_classify_shapes/model.pth conf/models/small_cnn_shapes.pth
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

@@ -62,3 +62,16 @@ def test_quoted_miou_of_the_shipped_semantic_model_is_the_measured_one():
             found += 1
             assert float(quoted) == round(expected, len(quoted.split(".")[1])), f"{doc} quotes held-out mIoU {quoted}, measured {expected}"
     assert found >= 3  # README, jobs/README and conf/models/README all quote it
+
+
+def test_quoted_top1_of_the_shipped_classifier_is_the_measured_one():
+    """Every "held-out top-1 X" in the docs is conf/models/small_cnn_shapes.json's held-out top-1."""
+    import json
+
+    expected = json.loads((REPO / "conf" / "models" / "small_cnn_shapes.json").read_text())["classification"]["top1"]
+    found = 0
+    for doc in ("README.md", "jobs/README.md", "conf/models/README.md"):
+        for quoted in re.findall(r"held-out top-1 (\d\.\d+)", (REPO / doc).read_text()):
+            found += 1
+            assert float(quoted) == round(expected, len(quoted.split(".")[1])), f"{doc} quotes held-out top-1 {quoted}, measured {expected}"
+    assert found >= 3

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from pipeline.models.small_rcnn import small_maskrcnn
+from pipeline.models.small_cnn import small_cnn
 from pipeline.models.small_unet import small_unet
 from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint, torchvision_loads_safely
 
@@ -170,6 +171,7 @@ register(ModelEntry("small_maskrcnn", small_maskrcnn, "masks", "box_score_thresh
 _register_torchvision_semantic()
 register(ModelEntry("small_unet", small_unet, "semantic", "", ""))
 _register_torchvision_classify()
+register(ModelEntry("small_cnn", small_cnn, "classify", "", ""))
 
 
 def build_model(

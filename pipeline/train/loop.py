@@ -2,13 +2,15 @@
 
 Each worker reads its split of the training shards (Ray Data, streamed), turns rows into samples
 and a loss with the objective of the model's kind (:class:`pipeline.train.targets.DetectionObjective`,
-:class:`pipeline.train.semantic_objective.SemanticObjective`), steps the model (DDP
+:class:`pipeline.train.semantic_objective.SemanticObjective`,
+:class:`pipeline.train.classifier_objective.ClassifierObjective`), steps the model (DDP
 over gloo on CPU, NCCL on GPUs, via ``ray.train.torch.prepare_model``), and at each epoch end
 rank 0 writes a checkpoint and evaluates on the validation set. A checkpoint folder holds:
 
 * ``model.pth``: ``{"model": state_dict, "model_name", "num_classes", "categories", "build_kwargs"}``,
   the format the inference stages load by path (``weights: OUT/model.pth``); a semantic model's
   also has ``"resize": None``: the ``segment`` stage runs it at native resolution, as it trained;
+  a classifier's has ``"resize"`` and ``"crop"``: the ``classify`` stage's input sizes;
 * ``train_state.pt``: optimizer state, epoch and step, so a run resumes where it stopped;
 * ``history.json``: the metrics of every epoch so far (a resumed run keeps its past).
 """
@@ -27,8 +29,9 @@ import torch
 
 from pipeline.models.registry import check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
-from pipeline.train.train_spec import TrainSpec
+from pipeline.train.classifier_objective import ClassifierObjective
 from pipeline.train.semantic_objective import SemanticObjective
+from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import DetectionObjective
 from pipeline.train.validate import validate_checkpoint
 
@@ -49,7 +52,7 @@ def say(message: str) -> None:
 
 def build_kwargs(spec: TrainSpec) -> dict:
     """The builder's arguments besides weights and classes; checkpoints carry them for the stages."""
-    if spec.semantic:  # fully convolutional: no resize inside the model
+    if spec.kind != "detector":  # no resize inside the model
         return dict(spec.model_kwargs)
     return {"min_size": spec.min_size, "max_size": spec.max_size, **spec.model_kwargs}
 
@@ -73,17 +76,33 @@ def checkpoint_payload(spec: TrainSpec, model: torch.nn.Module, categories: list
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_name": spec.model,
-        "num_classes": len(categories) + 1,
+        "num_classes": num_classes(categories),
         "categories": categories,  # [{"label", "id", "name"}]: label -> dataset category id
         "build_kwargs": build_kwargs(spec),
-    } | ({"resize": None} if spec.semantic else {})
+    } | stage_sizes(spec)
+
+
+def num_classes(categories: list[dict]) -> int:
+    """The model's outputs: labels run 1..K after background 0 (detectors, semantic) or 0..K-1 (classifiers)."""
+    return max(c["label"] for c in categories) + 1
+
+
+def stage_sizes(spec: TrainSpec) -> dict:
+    """What the checkpoint tells the stage about its input size: as the model trained."""
+    if spec.kind == "semantic":
+        return {"resize": None}  # native resolution
+    if spec.kind == "classifier":
+        return {"resize": spec.classifier_resize, "crop": spec.crop_size}
+    return {}  # detectors resize inside the model (min_size/max_size in build_kwargs)
 
 
 def make_objective(spec: TrainSpec, model: torch.nn.Module, config: dict, rank: int):
     """The samples-and-loss object of the model's kind (see the module docstring)."""
     label_of = {c["id"]: c["label"] for c in config["categories"]}
-    if spec.semantic:
+    if spec.kind == "semantic":
         return SemanticObjective(label_of, crop=spec.crop_size, hflip=spec.hflip, weights=config.get("class_weights"), seed=spec.seed * 1000 + rank)
+    if spec.kind == "classifier":
+        return ClassifierObjective(label_of, resize=spec.classifier_resize, crop=spec.crop_size, hflip=spec.hflip, seed=spec.seed * 1000 + rank)
     task = get_entry(spec.model).task
     return DetectionObjective(
         label_of, with_masks=task == "masks", num_keypoints=model_keypoints(model) if task == "keypoints" else 0, blank_size=spec.min_size
@@ -110,7 +129,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(spec.threads or max(1, math.ceil(spec.worker_num_cpus)))
     torch.manual_seed(spec.seed + rank)
 
-    model = build_train_model(spec, len(categories) + 1)
+    model = build_train_model(spec, num_classes(categories))
     objective = make_objective(spec, model, config, rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_spec = spec.optimizer

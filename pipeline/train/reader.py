@@ -15,20 +15,24 @@ from pipeline import schema
 from pipeline.data.shards import iter_shard
 
 TRAIN_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.ERROR]
-# label maps: semantic ground truth of label-map datasets (null where a shard has none)
-TRAIN_SCHEMA = pa.schema([schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS] + [pa.field(schema.LABEL_MAP, schema.LABEL_MAP_TYPE)])
+# + label maps (semantic ground truth) and image labels (classifiers); null where a shard has none
+TRAIN_SCHEMA = pa.schema(
+    [schema.IMAGE_SCHEMA.field(c) for c in TRAIN_COLUMNS]
+    + [pa.field(schema.LABEL_MAP, schema.LABEL_MAP_TYPE), pa.field(schema.LABEL, schema.LABEL_TYPE)]
+)
 
 
-def read_training_rows(batch: pa.Table, *, shards: list[str], label_maps_only: bool = False):
+def read_training_rows(batch: pa.Table, *, shards: list[str], required: str | None = None):
     """Ray Data UDF (generator): rows of the shards named by index, error rows left out.
 
-    ``label_maps_only``: in a label-map dataset (``import-images --labels``) a row without a label
-    map has no ground truth (it is not all background), so it is left out too.
+    ``required``: a column rows without a value in are left out too (no ground truth for the
+    model: a classifier's ``label``; a ``label_map`` in a label-map dataset, where a row without
+    one is not all background). See :func:`pipeline.train.trainer.required_column`.
     """
     for index in batch["shard_index"].to_pylist():
         for table in iter_shard(shards[index], 64, columns=TRAIN_SCHEMA.names):
             table = schema.conform(table, TRAIN_SCHEMA)
             keep = pc.is_null(table[schema.ERROR])
-            if label_maps_only:
-                keep = pc.and_(keep, pc.is_valid(table[schema.LABEL_MAP]))
+            if required:
+                keep = pc.and_(keep, pc.is_valid(table[required]))
             yield table.filter(keep).drop_columns([schema.ERROR])

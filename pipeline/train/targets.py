@@ -18,9 +18,13 @@ from pycocotools import mask as mask_utils
 from pipeline.data.decode import decode_image
 
 
-def label_categories(categories: list[dict]) -> list[dict]:
-    """Dataset categories -> [{"label": 1.., "id": category_id, "name": ...}] sorted by id."""
-    return [{"label": i, "id": int(c["id"]), "name": c["name"]} for i, c in enumerate(sorted(categories, key=lambda c: c["id"]), start=1)]
+def label_categories(categories: list[dict], first: int = 1) -> list[dict]:
+    """Dataset categories -> [{"label": first.., "id": category_id, "name": ...}] sorted by id.
+
+    ``first`` is 1 for models with a background class 0 (detectors, semantic models), 0 for classifiers.
+    """
+    ordered = sorted(categories, key=lambda c: c["id"])
+    return [{"label": i, "id": int(c["id"]), "name": c["name"]} for i, c in enumerate(ordered, start=first)]
 
 
 def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The typed training spec (``pipeline train TRAIN.yaml``); unknown keys are errors, like job specs.
 
-One spec trains both kinds of model the stages run: detectors (``detect``/``masks``/``keypoints``
-stages; images resized by the model to ``min_size``/``max_size``) and semantic segmentation
-models (``segment`` stage; random ``crop_size`` crops at native resolution, class-weighted
-cross-entropy). Keys that only one kind uses are refused for the other, naming the key.
+One spec trains the three kinds of model the stages run (:attr:`TrainSpec.kind`): detectors
+(``detect``/``masks``/``keypoints`` stages; images resized by the model to ``min_size``/``max_size``),
+semantic segmentation models (``segment`` stage; random ``crop_size`` crops at native resolution,
+class-weighted cross-entropy) and classifiers (``classify`` stage; shorter side resized to
+``resize_size``, random ``crop_size`` crops, cross-entropy against the image's ``label``). Keys
+that only some kinds use are refused for the others, naming the key.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from pipeline.config.spec import Strict
-from pipeline.models.registry import DETECTION_TASKS, get_entry
+from pipeline.models.registry import get_entry
 
-DETECTOR_ONLY = ("min_size", "max_size")
-SEMANTIC_ONLY = ("crop_size", "hflip", "class_weights")
+Kind = Literal["detector", "semantic", "classifier"]
+KEYS_OF: dict[str, tuple[str, ...]] = {  # keys only some kinds use -> those kinds
+    "min_size": ("detector",), "max_size": ("detector",),
+    "crop_size": ("semantic", "classifier"), "hflip": ("semantic", "classifier"),
+    "class_weights": ("semantic",), "resize_size": ("classifier",),
+}
+KIND_OF_TASK = {"semantic": "semantic", "classify": "classifier"}  # registry task -> kind; the rest are detectors
 
 
 class OptimizerSpec(Strict):
@@ -41,8 +48,14 @@ class TrainSpec(Strict):
     )
     min_size: PositiveInt = Field(128, description="detectors: images are resized so their short side is this")
     max_size: PositiveInt = Field(160, description="detectors: ... and their long side at most this")
-    crop_size: PositiveInt = Field(96, description="semantic models: random square crops of this side at native resolution")
-    hflip: bool = Field(True, description="semantic models: flip half of the crops left-right")
+    crop_size: PositiveInt = Field(
+        96, description="semantic models: random square crops of this side at native resolution; classifiers: the model's "
+        "input side (random crops in training, the center crop in the stage; set it, the default is the semantic one)"
+    )
+    resize_size: PositiveInt | None = Field(
+        None, description="classifiers: shorter side before the crop (default crop_size * 8 / 7, ImageNet's 256/224)"
+    )
+    hflip: bool = Field(True, description="semantic models and classifiers: flip half of the samples left-right")
     class_weights: Literal["sqrt_inverse_frequency", "none"] = Field(
         "sqrt_inverse_frequency", description="semantic models: per-class loss weights from the training set's pixel counts"
     )
@@ -66,14 +79,21 @@ class TrainSpec(Strict):
 
     @model_validator(mode="after")
     def _keys_of_its_kind(self) -> "TrainSpec":
-        wrong = DETECTOR_ONLY if self.semantic else SEMANTIC_ONLY
-        kind = "a semantic segmentation model" if self.semantic else "a detector"
-        for key in wrong:
-            if key in self.model_fields_set:
-                raise ValueError(f"{key}: not used when training {self.model} ({kind}); leave it out")
+        for key, kinds in KEYS_OF.items():
+            if key in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(f"{key}: not used when training {self.model} (a {self.kind}); leave it out")
         return self
 
     @property
+    def kind(self) -> Kind:
+        """``detector`` (detect/masks/keypoints stages), ``semantic`` (segment) or ``classifier`` (classify)."""
+        return KIND_OF_TASK.get(get_entry(self.model).task, "detector")
+
+    @property
     def semantic(self) -> bool:
-        """True for a semantic segmentation model (stage ``segment``), False for a detector."""
-        return get_entry(self.model).task not in DETECTION_TASKS
+        return self.kind == "semantic"
+
+    @property
+    def classifier_resize(self) -> int:
+        """The shorter side a classifier's images are resized to before the crop."""
+        return self.resize_size or round(self.crop_size * 8 / 7)

@@ -36,7 +36,7 @@ from pipeline.data.shards import (
 from pipeline.eval.iou_types import NUM_KEYPOINTS
 from pipeline.models.registry import check_state_dict, get_entry, unknown_kwargs
 from pipeline.models.weights import load_checkpoint
-from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, train_loop
+from pipeline.train.loop import HISTORY_FILE, MODEL_FILE, build_kwargs, model_keypoints, num_classes, train_loop
 from pipeline.train.reader import read_training_rows
 from pipeline.train.semantic_objective import class_weights, pixel_counts
 from pipeline.train.train_spec import TrainSpec
@@ -54,12 +54,17 @@ def _empty_images(table: pa.Table) -> list:
     return table.filter(empty)[schema.IMAGE_ID].to_pylist()
 
 
+def training_categories(spec: TrainSpec, categories: list[dict]) -> list[dict]:
+    """The label of each dataset category in the model: 1..K after background (detectors, semantic), 0..K-1 (classifiers)."""
+    return label_categories(categories, first=0 if spec.kind == "classifier" else 1)
+
+
 def _build_on_meta(spec: TrainSpec, categories: list[dict], source: str) -> torch.nn.Module:
     """The network on the meta device: checks the builder's arguments without allocating it."""
     try:
         with torch.device("meta"):
             model = get_entry(spec.model).builder(
-                weights=None, weights_backbone=None, num_classes=len(categories) + 1, **build_kwargs(spec)
+                weights=None, weights_backbone=None, num_classes=num_classes(training_categories(spec, categories)), **build_kwargs(spec)
             )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: model_kwargs: {spec.model} does not accept {spec.model_kwargs}: {exc}") from exc
@@ -100,12 +105,13 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
     model = _build_on_meta(spec, categories, source)
     num_keypoints = model_keypoints(model) if get_entry(spec.model).task == "keypoints" else 0
     known = {int(c["id"]) for c in categories}
-    annotations = with_keypoints = label_maps = 0
+    annotations = with_keypoints = label_maps = labels = 0
     for shard in shards:
         names = shard_schema(shard).names
         if schema.IMAGE not in names or schema.IMAGE_ID not in names:
             raise ConfigError(f"{source}: train: {shard} has no {schema.IMAGE!r} or {schema.IMAGE_ID!r} column; is it an image dataset?")
-        table = read_shard(shard, columns=[c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ERROR, schema.ANNOTATIONS, schema.LABEL_MAP) if c in names])
+        wanted = (schema.IMAGE_ID, schema.IMAGE, schema.ERROR, schema.ANNOTATIONS, schema.LABEL_MAP, schema.LABEL)
+        table = read_shard(shard, columns=[c for c in wanted if c in names])
         empty = _empty_images(table)
         if empty:
             more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
@@ -113,6 +119,10 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
                 f"{source}: train: {shard} has empty images (image_id {', '.join(map(str, empty[:5]))}{more}); "
                 "drop those rows or re-import the dataset"
             )
+        if spec.kind == "classifier":
+            if schema.LABEL in names:
+                labels += _check_labels(table, known, shard, source)
+            continue
         if spec.semantic and schema.LABEL_MAP in names:
             label_maps += table[schema.LABEL_MAP].length() - table[schema.LABEL_MAP].null_count
         if schema.ANNOTATIONS not in names:
@@ -120,7 +130,12 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
         flat = pc.list_flatten(table[schema.ANNOTATIONS])
         annotations += len(flat)
         with_keypoints += _check_annotations(flat, known, num_keypoints, shard, source)
-    if annotations == 0 and label_maps == 0:
+    if spec.kind == "classifier" and labels == 0:
+        raise ConfigError(
+            f"{source}: train: {spec.train} has no image labels (a non-null {schema.LABEL!r} column) to learn from; "
+            "e.g. pipeline data synth OUT --classification"
+        )
+    if spec.kind != "classifier" and annotations == 0 and label_maps == 0:
         what = "annotations or label maps" if spec.semantic else "annotations"
         raise ConfigError(f"{source}: train: {spec.train} has no {what} to learn from")
     if num_keypoints and with_keypoints == 0:
@@ -144,14 +159,29 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             check_state_dict(model, ckpt["model"], spec.weights, spec.model)
         except Exception as exc:  # noqa: BLE001 - report as a spec error naming the key
             raise ConfigError(f"{source}: weights: {exc}") from exc
-    rows = label_maps if label_maps_only(spec) else sum(shard_rows(s) for s in shards)
+    required = required_column(spec)
+    rows = {schema.LABEL_MAP: label_maps, schema.LABEL: labels}.get(required) or sum(shard_rows(s) for s in shards)
     return shards, categories, rows
 
 
-def label_maps_only(spec: TrainSpec) -> bool:
-    """Whether training reads only the rows with a label map: a semantic model on a label-map dataset
-    (``import-images --labels``), where a row without one has no ground truth, not all background."""
-    return spec.semantic and is_label_map_dataset(read_meta(spec.train))
+def required_column(spec: TrainSpec) -> str | None:
+    """The column a row must have (non-null) to train on, if any: a classifier's ``label``; a
+    semantic model's ``label_map`` in a label-map dataset (``import-images --labels``), where a row
+    without one has no ground truth, not all background."""
+    if spec.kind == "classifier":
+        return schema.LABEL
+    if spec.semantic and is_label_map_dataset(read_meta(spec.train)):
+        return schema.LABEL_MAP
+    return None
+
+
+def _check_labels(table: pa.Table, known: set[int], shard: str, source: str) -> int:
+    """Raise on image labels that are no category; returns how many rows have one."""
+    present = table.filter(pc.is_valid(table[schema.LABEL]))
+    bad = [(i, y) for i, y in zip(present[schema.IMAGE_ID].to_pylist(), present[schema.LABEL].to_pylist()) if y not in known]
+    if bad:
+        raise ConfigError(f"{source}: train: {shard}: image_id {bad[0][0]} has label {bad[0][1]}, not a category of dataset.json")
+    return present.num_rows
 
 
 CLASS_WEIGHT_ROWS = 512  # rows whose pixels are counted for the class weights (enough for stable frequencies)
@@ -168,8 +198,8 @@ def semantic_class_weights(spec: TrainSpec, shards: list[str], categories: list[
         names = shard_schema(shard).names
         columns = [c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.LABEL_MAP) if c in names]
         table = read_shard(shard, columns=columns)
-        if label_maps_only(spec):
-            table = table.filter(pc.is_valid(table[schema.LABEL_MAP]))
+        if required_column(spec):
+            table = table.filter(pc.is_valid(table[required_column(spec)]))
         rows += table.slice(0, CLASS_WEIGHT_ROWS - len(rows)).to_pylist()
         if len(rows) >= CLASS_WEIGHT_ROWS:
             break
@@ -227,7 +257,7 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ds = ray.data.from_items([{"shard_index": i} for i in range(len(shards))], override_num_blocks=len(shards))
-        ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards, "label_maps_only": label_maps_only(spec)}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
+        ds = ds.map_batches(read_training_rows, fn_kwargs={"shards": shards, "required": required_column(spec)}, batch_size=1, batch_format="pyarrow", num_cpus=0.2)
         if _bytes_of(shards) <= MATERIALIZE_BYTES:
             # Small enough to keep in the object store: read once, not once per epoch. It also
             # spares the split coordinator from running the read plan every epoch, which on
@@ -239,7 +269,7 @@ def train(spec: TrainSpec, *, source: str = "<spec>", address: str | None = None
             train_loop_config={
                 # the keys set: the worker re-validates it, and keys of the other model kind are refused when set
                 "spec": spec.model_dump(mode="json", exclude_unset=True),
-                "categories": label_categories(categories),
+                "categories": training_categories(spec, categories),
                 "rows": rows,
                 "class_weights": semantic_class_weights(spec, shards, categories),
             },

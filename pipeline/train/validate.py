@@ -1,7 +1,7 @@
-"""Validation AP (detectors) or mIoU (semantic models) during training, through the same path a job takes.
+"""Validation AP (detectors), mIoU (semantic models) or top-1 (classifiers) during training, through the path a job takes.
 
 The checkpoint the training loop just saved is run as a one-stage job over the validation
-dataset: the job spec a user would write (stage ``detect`` / ``masks`` / ``keypoints`` / ``segment`` with that
+dataset: the job spec a user would write (stage ``detect`` / ``masks`` / ``keypoints`` / ``segment`` / ``classify`` with that
 ``weights`` file), the engine's preflight, plan and shard writer
 (:func:`pipeline.engine.runner.execute` with ``local=True``: the same read -> decode -> stage
 steps, run in this training worker instead of in Ray actor pools), and
@@ -26,7 +26,7 @@ from pipeline.models.registry import get_entry
 from pipeline.stages import get_stage_spec
 from pipeline.train.train_spec import TrainSpec
 
-STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints", "semantic": "segment"}  # model task -> stage type
+STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints", "semantic": "segment", "classify": "classify"}  # model task -> stage type
 DETECTION_PARAMS = {"score_threshold": 0.05, "max_detections": 100}  # COCO evaluation's usual operating point
 
 
@@ -43,7 +43,7 @@ def validation_job(weights: str, spec: TrainSpec, output: str, *, batch_size: in
             "batch_size": batch_size,
             "threads": torch.get_num_threads(),
         }
-        | ({} if spec.semantic else DETECTION_PARAMS)
+        | (DETECTION_PARAMS if spec.kind == "detector" else {})
     )
     return JobSpec(name=f"{spec.name}-validation", input=spec.val, output=output, stages=[stage])
 

@@ -1,8 +1,8 @@
-"""The models the repo ships (conf/models/small_maskrcnn_shapes.pth, small_unet_shapes.pth) still predict what they did.
+"""The models the repo ships (conf/models/small_maskrcnn_shapes.pth, small_unet_shapes.pth, small_cnn_shapes.pth) still predict what they did.
 
-An accuracy pin in the Detectron2 way: each checkpoint runs through its stage (masks, segment) on
-the whole held-out split (200 synthetic images, seed 300) and is evaluated with the project's
-evaluator (COCO AP, semantic mIoU); the numbers must equal what was measured when the file was
+An accuracy pin in the Detectron2 way: each checkpoint runs through its stage (masks, segment,
+classify) on the whole held-out split (200 synthetic images, seed 300) and is evaluated with the
+project's evaluator (COCO AP, semantic mIoU, classification top-1); the numbers must equal what was measured when the file was
 made (``conf/models/<name>.json``, which the READMEs quote). Inference of a fixed
 checkpoint on CPU is deterministic far below the tolerance, which only absorbs float reordering.
 """
@@ -21,6 +21,7 @@ from pipeline.data.shards import DatasetMeta, iter_shard, list_shards, read_meta
 from pipeline.data.synth import synth_dataset
 from pipeline.engine.stage_actor import StageActor
 from pipeline.eval import evaluate
+from pipeline.stages.classify import ClassifySpec, ClassifyStage
 from pipeline.stages.masks import MasksSpec, MasksStage
 from pipeline.stages.segment import SegmentSpec, SegmentStage
 from tests.conftest import REPO
@@ -29,6 +30,8 @@ CHECKPOINT = REPO / "conf" / "models" / "small_maskrcnn_shapes.pth"
 EXPECTED = json.loads((REPO / "conf" / "models" / "small_maskrcnn_shapes.json").read_text())
 SEMANTIC_CHECKPOINT = REPO / "conf" / "models" / "small_unet_shapes.pth"
 SEMANTIC_EXPECTED = json.loads((REPO / "conf" / "models" / "small_unet_shapes.json").read_text())
+CLASSIFIER_CHECKPOINT = REPO / "conf" / "models" / "small_cnn_shapes.pth"
+CLASSIFIER_EXPECTED = json.loads((REPO / "conf" / "models" / "small_cnn_shapes.json").read_text())
 TOLERANCE = 0.005
 
 
@@ -86,3 +89,24 @@ def test_shipped_semantic_checkpoint_keeps_its_miou(tmp_path):
         assert got[key] == pytest.approx(expected[key], abs=TOLERANCE), (key, got[key])
     for name, iou in expected["IoU"].items():
         assert got["per_category"][name]["IoU"] == pytest.approx(iou, abs=TOLERANCE), (name, got["per_category"][name])
+
+
+def test_shipped_classifier_is_small_and_documented():
+    assert CLASSIFIER_CHECKPOINT.exists(), "make model-classify writes it"
+    assert os.path.getsize(CLASSIFIER_CHECKPOINT) < 5 * 1024**2
+    assert "pipeline train jobs/train_classify_shapes.yaml" in (REPO / "conf" / "models" / "README.md").read_text()
+
+
+def test_shipped_classifier_keeps_its_top1(tmp_path):
+    """The job's settings (jobs/classify_shapes.yaml: the checkpoint's sizes, categories by name) on the held-out split."""
+    gt, pred = str(tmp_path / "test"), str(tmp_path / "pred")
+    split = CLASSIFIER_EXPECTED["held_out"]
+    synth_dataset(gt, images=split["images"], seed=split["seed"], size=split["size"], classification=True)
+    kwargs = {"model": "small_cnn", "weights": str(CLASSIFIER_CHECKPOINT), "category_map": "by_name", "top_k": 3}
+    predict(gt, pred, "classify", ClassifyStage, ClassifySpec, kwargs)
+    got = evaluate([pred], gt, ["classification"], use_ray=False, use_state=False)["classification"]
+    expected = CLASSIFIER_EXPECTED["classification"]
+    assert got["counts"]["images"] == split["images"] and got["counts"]["images_without_predictions"] == 0
+    assert got["top1"] == pytest.approx(expected["top1"], abs=TOLERANCE)
+    for name, top1 in expected["per_category_top1"].items():
+        assert got["per_category"][name]["top1"] == pytest.approx(top1, abs=TOLERANCE), (name, got["per_category"][name])

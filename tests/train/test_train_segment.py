@@ -154,7 +154,8 @@ def test_a_label_map_dataset_trains_on_its_labelled_rows_only(tmp_path):
 
     from pipeline.data.importers import import_images
     from pipeline.train.reader import read_training_rows
-    from pipeline.train.trainer import label_maps_only, semantic_class_weights
+    from pipeline import schema
+    from pipeline.train.trainer import required_column, semantic_class_weights
     from tests.data.label_folders import write_grey, write_rgb
 
     images, labels = tmp_path / "images", tmp_path / "labels"
@@ -166,11 +167,11 @@ def test_a_label_map_dataset_trains_on_its_labelled_rows_only(tmp_path):
     import_images(str(images), ds, labels_dir=str(labels), rows_per_shard=2)
     spec = TrainSpec.model_validate({"name": "t", "train": ds, "output": str(tmp_path / "out"), "model": "small_unet",
                                      "model_kwargs": {"base": 8}, "epochs": 1, "workers": 1, "worker_num_cpus": 1})
-    assert label_maps_only(spec)
+    assert required_column(spec) == schema.LABEL_MAP
     shards, _, rows = preflight(spec, "t.yaml")
     assert rows == 2  # the schedule counts the rows that train
     index = pa.table({"shard_index": list(range(len(shards)))})
-    read = pa.concat_tables(read_training_rows(index, shards=shards, label_maps_only=True))
+    read = pa.concat_tables(read_training_rows(index, shards=shards, required=schema.LABEL_MAP))
     assert sorted(read["image_id"].to_pylist()) == [1, 3]  # 0.png and 2.png (ids in sorted path order)
     everything = pa.concat_tables(read_training_rows(index, shards=shards))
     assert everything.num_rows == 4
