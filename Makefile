@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/masks.py
+	$(BIN)/python bench/segment.py
 	$(BIN)/python bench/eval_speed.py
 
 clean:
