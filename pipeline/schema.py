@@ -137,6 +137,15 @@ LABEL = "label"
 LABEL_TYPE = pa.int64()
 LABEL_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field(LABEL, LABEL_TYPE))
 
+# --- visual explanations (written by the explain stage) ----------------------------------------
+# One entry per explained prediction (a classify stage's top-1 class: one per image), same order.
+ATTRIBUTION_MAPS = "attribution_maps"  # per row: 8-bit grey PNGs at the image's size, each scaled to max 255
+ATTRIBUTION_IN_BOX = "attribution_in_box"  # per row: share of each map's positive mass inside its box (null: no box)
+ATTRIBUTION_PEAK_IN_BOX = "attribution_peak_in_box"  # per row: whether each map's maximum lies in its box (null: no box)
+ATTRIBUTION_MAPS_TYPE = pa.list_(pa.binary())
+ATTRIBUTION_IN_BOX_TYPE = pa.list_(pa.float32())
+ATTRIBUTION_PEAK_IN_BOX_TYPE = pa.list_(pa.bool_())
+
 # --- semantic segmentation (written by the segment stage) -----------------------------------------
 # One compressed COCO RLE per category present in the image (the form detectron2 uses for semantic
 # predictions), at the decoded image size; together the masks cover every pixel exactly once.

@@ -114,7 +114,8 @@ def _read_rows(pred: str, limit: int) -> tuple[list[dict], list[tuple]]:
     """The first ``limit`` rows without an error, and the error rows met on the way."""
     wanted = [schema.IMAGE_ID, schema.FILE_NAME, schema.WIDTH, schema.HEIGHT, schema.ERROR, schema.BOXES,
               schema.SCORES, schema.CATEGORY_IDS, schema.LABELS, schema.MASKS, schema.KEYPOINTS,
-              schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS, schema.LABEL_MAP]
+              schema.SEMANTIC_CATEGORY_IDS, schema.SEMANTIC_MASKS, schema.LABEL_MAP, schema.ATTRIBUTION_MAPS,
+              schema.CLASS_CATEGORY_IDS, schema.CLASS_SCORES, schema.CLASS_LABELS]
     rows: list[dict] = []
     errors: list[tuple] = []
     for shard in list_shards(pred):
@@ -327,6 +328,9 @@ def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float
     canvas = rgb.astype(np.float32)
     if semantic is not None:
         tint_categories(canvas, semantic[0])
+    heat = heat_layer(row, height, width)
+    if heat is not None:
+        blend_heat(canvas, heat)
     for i in keep:
         if i < len(masks) and masks[i] and masks[i].get("counts"):
             m = mask_utils.decode({"size": list(masks[i]["size"]), "counts": masks[i]["counts"].encode("ascii")}).astype(bool)
@@ -360,9 +364,41 @@ def draw_row(rgb: np.ndarray, row: dict, names: dict[int, str], min_score: float
         colour = colour_for(cat(i))
         draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=colour, outline=tuple(c // 2 for c in colour))
         draw.text((rect[0] + pad - left, rect[1] + pad - top), text, font=typeface, fill=text_colour(colour))
+    top1 = (row.get(schema.CLASS_CATEGORY_IDS) or [None])[0], (row.get(schema.CLASS_SCORES) or [None])[0]
+    if top1[1] is not None:  # a classify stage's best class, as a caption in the top-left corner
+        label = (row.get(schema.CLASS_LABELS) or [None])[0]
+        text = label_text(top1[0] if top1[0] is not None and top1[0] >= 0 else None, top1[1], names, label)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=typeface)
+        colour = colour_for(top1[0])
+        draw.rectangle([0, 0, right - left + 2 * pad - 1, bottom - top + 2 * pad - 1], fill=colour)
+        draw.text((pad - left, pad - top), text, font=typeface, fill=text_colour(colour))
     if semantic is not None:
         image = with_legend(image, legend_entries(semantic[0], names, semantic[1]), size)
     return image
+
+
+# --- attribution maps (an explain stage) -------------------------------------------------------------
+
+HEAT_ALPHA = 0.6  # weight of the heat colour where the map is at its maximum (0 where the map is 0)
+
+
+def heat_layer(row: dict, height: int, width: int) -> np.ndarray | None:
+    """The row's first attribution map as (H, W) floats in 0..1, or None (no map, or not at the image's size)."""
+    maps = row.get(schema.ATTRIBUTION_MAPS) or []
+    if not maps or maps[0] is None:
+        return None
+    with Image.open(io.BytesIO(maps[0])) as im:
+        values = np.asarray(im.convert("L"), np.float32) / 255.0
+    return values if values.shape == (height, width) else None
+
+
+def blend_heat(canvas: np.ndarray, heat: np.ndarray) -> None:
+    """Tint ``canvas`` (H, W, 3 float) with matplotlib's ``inferno`` colours of ``heat``, opaque where it is hot."""
+    from matplotlib import colormaps  # late: only pictures of attribution maps need it
+
+    colours = colormaps["inferno"](heat)[..., :3].astype(np.float32) * 255
+    alpha = (HEAT_ALPHA * heat)[..., None]
+    canvas[...] = (1 - alpha) * canvas + alpha * colours
 
 
 # --- semantic segmentation --------------------------------------------------------------------------

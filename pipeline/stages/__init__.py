@@ -51,6 +51,7 @@ from __future__ import annotations
 from pipeline.config.spec import StageSpec
 from pipeline.stages.classify import ClassifySpec
 from pipeline.stages.detect import DetectSpec
+from pipeline.stages.explain import ExplainSpec
 from pipeline.stages.keypoints import KeypointsSpec
 from pipeline.stages.masks import MasksSpec
 from pipeline.stages.proposals import ProposalsSpec
@@ -82,3 +83,4 @@ register(ProposalsSpec)
 register(StyleSpec)
 register(SegmentSpec)
 register(ClassifySpec)
+register(ExplainSpec)

@@ -44,6 +44,7 @@ TINY: dict[str, dict] = {
     "style": {"method": "network", "model": "{checkpoint}", "format": "png"},
     "segment": {"model": "lraspp_mobilenet_v3_large", "num_classes": 3, "resize": 64},
     "classify": {"model": "mobilenet_v3_small", "num_classes": 4, "top_k": 2, "resize": 40, "crop": 32},
+    "explain": {"method": "gradcam", "model": "small_cnn", "num_classes": 3, "resize": 40, "crop": 32},
 }
 # Column modes beside each type's default: keys that change what a stage reads or writes.
 MODES = [
@@ -55,7 +56,8 @@ MODES = [
 ]
 CASES = [(name, {}) for name in list_stages()] + MODES
 # What an earlier stage would have left in a column of each type this test may need to provide.
-EARLIER = {schema.BOXES_TYPE: [[5.0, 6.0, 40.0, 50.0], [0.0, 0.0, 64.0, 64.0]], schema.IDS_TYPE: [1, 2]}
+EARLIER = {schema.BOXES_TYPE: [[5.0, 6.0, 40.0, 50.0], [0.0, 0.0, 64.0, 64.0]], schema.IDS_TYPE: [1, 2],
+           schema.CLASS_LABELS_TYPE: [2, 0]}
 
 
 @pytest.fixture(scope="module")
