@@ -24,7 +24,8 @@ from tests.conftest import REPO
 
 WEIGHTS = str(REPO / "conf" / "models" / "small_cnn_shapes.pth")  # the shipped classifier (held-out top-1 1.0)
 METHODS = ["saliency", "smoothgrad", "guided_backprop", "occlusion", "gradcam"]
-FAST = {"stride": 8, "samples": 6}  # occlusion: 7 x 7 patch positions on the 64 px input; smoothgrad: 6 copies
+FAST = {"stride": 8, "samples": 6}
+THRESHOLD = {"saliency": 0.6, "smoothgrad": 0.6, "guided_backprop": 0.85, "occlusion": 0.8, "gradcam": 0.85}  # occlusion: 7 x 7 patch positions on the 64 px input; smoothgrad: 6 copies
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,11 @@ def test_maps_go_back_to_where_the_model_looked():
 def test_maps_point_at_the_shape(held_out, method):
     """The pointing game on 32 held-out images: the map's maximum inside the shape's box.
 
-    A random point lands in the box about as often as the box's share of the image (~0.2 here);
-    measured with these settings: saliency 0.78, smoothgrad 0.77, guided backprop 1.0,
-    occlusion 0.95, Grad-CAM 1.0 (60 images, bench numbers in the closing note of issue 15)."""
+    A random point lands in the box about as often as the box's share of the image (~0.2 here).
+    On all 200 held-out images (jobs/explain_shapes.yaml's settings, occlusion stride 4): saliency
+    0.675, smoothgrad 0.785, guided backprop 0.985, occlusion 0.925, Grad-CAM 0.995; on these 32
+    (occlusion stride 8, smoothgrad 6 copies) 0.78, 0.75, 1.0, 0.94, 1.0. Inference is deterministic,
+    so the thresholds, under those, fail on a regression, not on noise."""
     batch, boxes = held_out
     out = ExplainStage(method=method, model="small_cnn", weights=WEIGHTS, **FAST)(batch)
     hits, shares = [], []
@@ -92,7 +95,7 @@ def test_maps_point_at_the_shape(held_out, method):
         row, col = np.unravel_index(np.argmax(m), m.shape)
         hits.append(x <= col + 0.5 <= x + w and y <= row + 0.5 <= y + h)
         shares.append(w * h / m.size)
-    assert np.mean(hits) >= {"smoothgrad": 0.65}.get(method, 0.7), (method, np.mean(hits))
+    assert np.mean(hits) >= THRESHOLD[method], (method, np.mean(hits))
     assert np.mean(hits) > 2 * np.mean(shares)  # far better than a random point
 
 
