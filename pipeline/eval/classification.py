@@ -37,21 +37,27 @@ the images it was given) and reused while the key matches (:mod:`pipeline.eval.s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import posixpath
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import schema
-from pipeline.data.shards import list_shards, publish_bytes, read_shard, resolve, shard_schema
+from pipeline.data.shards import list_shards, read_shard, shard_schema
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
-from pipeline.eval.shard_tasks import is_results_file, read_checked_table, read_shard_image_ids, run_tasks, state_path, want_ray
+from pipeline.eval.shard_tasks import (
+    is_results_file,
+    load_array_state,
+    read_checked_table,
+    read_shard_image_ids,
+    run_tasks,
+    saved_or_warning,
+    state_path,
+    want_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +296,7 @@ def _plan(pred_paths, ground, labels, labelled, categories, iou_type, *, use_sta
             if len(claimed) < len(ids):
                 unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
             if use_state:
-                loaded = load_state(unit.state_path)
+                loaded = load_array_state(unit.state_path)
                 if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (3, categories.n):
                     unit.state, unit.cached = loaded[0], True
                     unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
@@ -305,13 +311,7 @@ def classification_unit(unit: ClsUnit, categories: Categories, *, use_state: boo
         raise EvalInputError(f"{unit.source}: no {schema.CLASS_CATEGORY_IDS!r} column; run a classify stage first")
     state, counts = shard_state(table, unit.image_ids, unit.labels, categories, where=unit.source)
     counts.update(unit.counts)  # duplicate images found by the planner
-    warnings = []
-    if use_state:
-        meta = {"key": unit.key, "shard": unit.source, "counts": dict(counts)}
-        try:
-            save_state(unit.state_path, state, meta)
-        except OSError as exc:
-            warnings.append(f"could not save evaluation state {unit.state_path}: {exc}")
+    warnings = saved_or_warning(use_state, unit.state_path, state, {"key": unit.key, "shard": unit.source, "counts": dict(counts)})
     return state, counts, warnings
 
 
@@ -327,22 +327,3 @@ def _run(pending, categories, iou_type, *, use_state, use_ray, task_num_cpus) ->
         for w in warnings:
             log.warning(w)
     return ray_tasks
-
-
-def save_state(path: str, state: np.ndarray, meta: dict) -> None:
-    """Write one shard's (3, C) counts + meta atomically (``publish_bytes``)."""
-    buf = io.BytesIO()
-    np.savez(buf, state=np.asarray(state, np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
-    fs, p = resolve(path)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    publish_bytes(fs, p, buf.getvalue())
-
-
-def load_state(path: str) -> tuple[np.ndarray, dict] | None:
-    """(state, meta) saved at ``path``; None if absent or unreadable (then recompute)."""
-    fs, p = resolve(path)
-    try:
-        with fs.open_input_stream(p) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
-            return np.asarray(npz["state"], np.int64), json.loads(str(npz["meta"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None

@@ -57,12 +57,9 @@ label maps, the classes, the images it was given); it is reused while the key ma
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import posixpath
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,10 +69,19 @@ from pycocotools import mask as mask_utils
 from pipeline import schema
 from pipeline.data.label_maps import UNLABELLED, category_map, is_label_map_dataset
 from pipeline.data.label_maps import decode_png_label_map as _decode_png
-from pipeline.data.shards import list_shards, publish_bytes, read_meta, read_shard, resolve, shard_schema
+from pipeline.data.shards import list_shards, read_meta, read_shard, shard_schema
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
-from pipeline.eval.shard_tasks import is_results_file, read_checked_table, read_shard_image_ids, run_tasks, state_path, want_ray
+from pipeline.eval.shard_tasks import (
+    is_results_file,
+    load_array_state,
+    read_checked_table,
+    read_shard_image_ids,
+    run_tasks,
+    saved_or_warning,
+    state_path,
+    want_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +365,7 @@ def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state, left_
             if len(claimed) < len(ids):
                 unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
             if use_state:
-                loaded = load_state(unit.state_path)
+                loaded = load_array_state(unit.state_path)
                 if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (classes.n + 1,) * 2:
                     unit.conf, unit.cached = loaded[0], True
                     unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
@@ -428,13 +434,7 @@ def semantic_unit(unit: SemUnit, gt: GroundTruth, label_maps: dict[int, bytes], 
             raise EvalInputError(f"{unit.source}: no {column!r} column; run a segment stage first")
     conf, counts = _shard_matrix(table, gt, label_maps, classes, unit.image_ids, where=unit.source)
     counts.update(unit.counts)  # duplicate images found by the planner
-    warnings = []
-    if use_state:
-        meta = {"key": unit.key, "shard": unit.source, "counts": dict(counts)}
-        try:
-            save_state(unit.state_path, conf, meta)
-        except OSError as exc:
-            warnings.append(f"could not save evaluation state {unit.state_path}: {exc}")
+    warnings = saved_or_warning(use_state, unit.state_path, conf, {"key": unit.key, "shard": unit.source, "counts": dict(counts)})
     return conf, counts, warnings
 
 
@@ -450,22 +450,3 @@ def _run(pending, ground, label_maps, classes, iou_type, *, use_state, use_ray, 
         for w in warnings:
             log.warning(w)
     return ray_tasks
-
-
-def save_state(path: str, conf: np.ndarray, meta: dict) -> None:
-    """Write one shard's matrix + meta atomically (``publish_bytes``)."""
-    buf = io.BytesIO()
-    np.savez(buf, conf=np.asarray(conf, np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
-    fs, p = resolve(path)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    publish_bytes(fs, p, buf.getvalue())
-
-
-def load_state(path: str) -> tuple[np.ndarray, dict] | None:
-    """(matrix, meta) saved at ``path``; None if absent or unreadable (then recompute)."""
-    fs, p = resolve(path)
-    try:
-        with fs.open_input_stream(p) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
-            return np.asarray(npz["conf"], np.int64), json.loads(str(npz["meta"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None

@@ -1,18 +1,22 @@
 """Prediction shards as units of evaluation work, for every IoU type that evaluates shard by shard.
 
-What the COCO types (:mod:`pipeline.eval.evaluation`) and semantic segmentation
-(:mod:`pipeline.eval.semantic`) share: a shard is read once as bytes (its sha256 keys the saved
-state, and the task re-checks it), its image ids must be in the ground truth, its state lives at
-``<shard folder>/eval/<iou_type>/<shard stem>.npz``, and the per-shard work runs in this process or
-as Ray tasks (Ray started here only when needed, and stopped again).
+What the COCO types (:mod:`pipeline.eval.evaluation`), semantic segmentation
+(:mod:`pipeline.eval.semantic`) and classification (:mod:`pipeline.eval.classification`) share: a
+shard is read once as bytes (its sha256 keys the saved state, and the task re-checks it), its image
+ids must be in the ground truth, its state lives at ``<shard folder>/eval/<iou_type>/<shard stem>.npz``
+(for the self-contained types one integer array + its meta, :func:`save_array_state`), and the
+per-shard work runs in this process or as Ray tasks (Ray started here only when needed, and stopped again).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import posixpath
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.data.shards import DatasetError, join, resolve
+from pipeline.data.shards import DatasetError, join, publish_bytes, resolve
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
 
@@ -112,3 +116,33 @@ def run_tasks(fn: Callable, jobs: Sequence[tuple], *, use_ray: bool, task_num_cp
     finally:
         if started:
             ray.shutdown()
+
+
+def save_array_state(path: str, array: np.ndarray, meta: dict) -> None:
+    """Write one shard's state (an int64 array, e.g. a confusion matrix or hit counts) + meta atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, array=np.asarray(array, np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    publish_bytes(fs, p, buf.getvalue())
+
+
+def load_array_state(path: str) -> tuple[np.ndarray, dict] | None:
+    """(array, meta) saved at ``path`` by :func:`save_array_state`; None if absent or unreadable (then recompute)."""
+    fs, p = resolve(path)
+    try:
+        with fs.open_input_stream(p) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+            return np.asarray(npz["array"], np.int64), json.loads(str(npz["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def saved_or_warning(use_state: bool, path: str, array: np.ndarray, meta: dict) -> list[str]:
+    """Save the state if asked; a failure to save is a warning (the numbers stand), returned to log."""
+    if not use_state:
+        return []
+    try:
+        save_array_state(path, array, meta)
+    except OSError as exc:
+        return [f"could not save evaluation state {path}: {exc}"]
+    return []

@@ -26,7 +26,8 @@ from pipeline.data.shards import DatasetMeta, list_shards, write_meta, write_sha
 from pipeline.eval import EvalInputError, evaluate
 from pipeline.eval.groundtruth import from_coco_dicts
 from pipeline.eval.iou_types import iou_types_for_columns
-from pipeline.eval.semantic import LABEL_MAP, Classes, gt_from_annotations, load_state
+from pipeline.eval.semantic import LABEL_MAP, Classes, gt_from_annotations
+from pipeline.eval.shard_tasks import load_array_state
 
 CATEGORIES = [{"id": 1, "name": "sky"}, {"id": 2, "name": "road"}, {"id": 3, "name": "car"}, {"id": 5, "name": "tree"}]
 CLASS_IDS = [0, 1, 2, 3, 5]  # background 0 counts as a class
@@ -186,8 +187,8 @@ def test_two_shards_merge_to_one_shard_holding_both_and_state_is_reused(case):
     drop = ("shards", "shards_from_state", "ray_tasks")
     assert {k: v for k, v in merged.items() if k != "counts"} == {k: v for k, v in single.items() if k != "counts"}
     assert {k: v for k, v in merged["counts"].items() if k not in drop} == {k: v for k, v in single["counts"].items() if k not in drop}
-    saved = [load_state(str(case["root"] / "pred" / "eval" / "semantic" / f"part-{n:05d}.npz"))[0] for n in range(3)]
-    whole = load_state(str(one / "eval" / "semantic" / "part-00000.npz"))[0]
+    saved = [load_array_state(str(case["root"] / "pred" / "eval" / "semantic" / f"part-{n:05d}.npz"))[0] for n in range(3)]
+    whole = load_array_state(str(one / "eval" / "semantic" / "part-00000.npz"))[0]
     np.testing.assert_array_equal(sum(saved), whole)  # exact: integer pixel counts
     again = evaluate([case["pred"]], case["gt"], ["semantic"], use_ray=False)["semantic"]
     assert again["counts"]["shards_from_state"] == 3 and again == merged | {"counts": again["counts"]}
