@@ -60,7 +60,9 @@ def test_submit_follow_status_list_on_two_nodes(local_cluster, tmp_path):
 def test_cancel_mid_job_then_resubmit_resumes(local_cluster, tmp_path):
     address = local_cluster.dashboard
     src, out = str(tmp_path / "shapes"), str(tmp_path / "pred")
-    synth_dataset(src, images=48, seed=22, size=96, rows_per_shard=4)
+    # 30 shards: the cancel goes through a CLI process (~5 s to start), in which a quiet machine
+    # detected all of 12 shards once (CI, 2026-12-02); 30 leave room for that.
+    synth_dataset(src, images=120, seed=22, size=96, rows_per_shard=4)
     args = ["submit", str(REPO / "jobs" / "detect.yaml"), "--input", src, "--output", out, "--address", address,
             *on_worker_detect(batch_size=1)]
     job_id = cli(*args).strip().splitlines()[-1]
@@ -75,7 +77,7 @@ def test_cancel_mid_job_then_resubmit_resumes(local_cluster, tmp_path):
     info = status(job_id, address)
     assert info["status"] == "STOPPED" and info["state"] == "cancelled", info
     kept = list_shards_or_none(out)
-    assert 1 <= len(kept) < 12, "the cancel came too late to test anything"
+    assert 1 <= len(kept) < 30, "the cancel came too late to test anything"
     assert all(read_shard(p).num_rows == 4 for p in kept)  # finished shards stay valid
 
     job2 = cli(*args).strip().splitlines()[-1]
