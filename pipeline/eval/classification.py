@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -49,17 +48,14 @@ from pipeline.data.shards import list_shards, read_shard, shard_schema
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
 from pipeline.eval.shard_tasks import (
+    claim_shards,
+    fill_units,
     is_results_file,
     load_array_state,
     read_checked_table,
-    read_shard_image_ids,
-    run_tasks,
     saved_or_warning,
     state_path,
-    want_ray,
 )
-
-log = logging.getLogger(__name__)
 
 LABEL = schema.LABEL
 STATE_VERSION = 1  # bump when the state's layout or meaning changes (invalidates saved state)
@@ -240,7 +236,8 @@ def evaluate_classification(
     labelled = np.intersect1d(np.fromiter(labels, np.int64, len(labels)), ground.image_ids)  # sorted
     units = _plan(pred_paths, ground, labels, labelled, categories, iou_type, use_state=use_state)
     pending = [u for u in units if u.state is None]
-    ray_tasks = _run(pending, categories, iou_type, use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus)
+    ray_tasks = fill_units(classification_unit, pending, [(u,) for u in pending], use_ray=use_ray,
+                           min_images=iou_type.ray_min_images, task_num_cpus=task_num_cpus, categories=categories, use_state=use_state)
     total = empty_state(categories.n)
     counts: Counter = Counter()
     for u in units:
@@ -275,32 +272,25 @@ def _labels_of(labels: dict[int, int], ids: np.ndarray) -> np.ndarray:
 
 
 def _plan(pred_paths, ground, labels, labelled, categories, iou_type, *, use_state) -> list[ClsUnit]:
-    units, seen = [], np.zeros(0, np.int64)
-    for path in pred_paths:
-        if is_results_file(path):
-            raise EvalInputError(f"{path}: --iou-type classification reads a prediction dataset (a classify stage's output), not a results file")
-        for shard in list_shards(path):
-            data, ids = read_shard_image_ids(shard, ground)
-            ids = np.intersect1d(ids, labelled, assume_unique=True)  # no label: not evaluated
-            claimed = np.setdiff1d(ids, seen, assume_unique=True)
-            seen = np.union1d(seen, claimed)
-            claimed_labels = _labels_of(labels, claimed)
-            sha = hashlib.sha256(data).hexdigest()
-            payload = {
-                "version": STATE_VERSION, "shard_sha256": sha, "categories": list(categories.ids),
-                "labels": hashlib.sha256(claimed.tobytes() + claimed_labels.tobytes()).hexdigest(),
-            }
-            key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-            unit = ClsUnit(source=shard, image_ids=claimed, labels=claimed_labels, shard_sha256=sha, key=key,
-                           state_path=state_path(shard, iou_type.name))
-            if len(claimed) < len(ids):
-                unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
-            if use_state:
-                loaded = load_array_state(unit.state_path)
-                if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (3, categories.n):
-                    unit.state, unit.cached = loaded[0], True
-                    unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
-            units.append(unit)
+    units = []
+    claims = claim_shards(pred_paths, ground, labelled, iou_type_name=iou_type.name, made_by="a classify stage's output")
+    for shard, sha, claimed, duplicates in claims:
+        claimed_labels = _labels_of(labels, claimed)
+        payload = {
+            "version": STATE_VERSION, "shard_sha256": sha, "categories": list(categories.ids),
+            "labels": hashlib.sha256(claimed.tobytes() + claimed_labels.tobytes()).hexdigest(),
+        }
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        unit = ClsUnit(source=shard, image_ids=claimed, labels=claimed_labels, shard_sha256=sha, key=key,
+                       state_path=state_path(shard, iou_type.name))
+        if duplicates:
+            unit.counts["duplicate_images"] = duplicates
+        if use_state:
+            loaded = load_array_state(unit.state_path)
+            if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (3, categories.n):
+                unit.state, unit.cached = loaded[0], True
+                unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
+        units.append(unit)
     return units
 
 
@@ -315,15 +305,3 @@ def classification_unit(unit: ClsUnit, categories: Categories, *, use_state: boo
     return state, counts, warnings
 
 
-def _run(pending, categories, iou_type, *, use_state, use_ray, task_num_cpus) -> int:
-    """Fill ``state``/``counts`` of every pending unit (Ray tasks or here); returns how many Ray tasks ran."""
-    if not pending:
-        return 0
-    use_ray = want_ray(use_ray, sum(len(u.image_ids) for u in pending), iou_type.ray_min_images)
-    results, ray_tasks = run_tasks(classification_unit, [(u,) for u in pending], use_ray=use_ray,
-                                   task_num_cpus=task_num_cpus, categories=categories, use_state=use_state)
-    for unit, (state, counts, warnings) in zip(pending, results):
-        unit.state, unit.counts = state, counts
-        for w in warnings:
-            log.warning(w)
-    return ray_tasks

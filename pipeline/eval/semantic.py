@@ -58,8 +58,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -73,17 +71,14 @@ from pipeline.data.shards import list_shards, read_meta, read_shard, shard_schem
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
 from pipeline.eval.shard_tasks import (
+    claim_shards,
+    fill_units,
     is_results_file,
     load_array_state,
     read_checked_table,
-    read_shard_image_ids,
-    run_tasks,
     saved_or_warning,
     state_path,
-    want_ray,
 )
-
-log = logging.getLogger(__name__)
 
 LABEL_MAP = schema.LABEL_MAP
 
@@ -255,7 +250,7 @@ class SemUnit:
     shard_sha256: str
     state_path: str
     key: str
-    conf: np.ndarray | None = None
+    state: np.ndarray | None = None  # the summed confusion matrix of its images
     counts: Counter = field(default_factory=Counter)
     cached: bool = False
 
@@ -268,18 +263,19 @@ def evaluate_semantic(
     classes = Classes.from_categories(ground.categories)
     label_maps = read_label_maps(ground.source)
     left_out = images_without_ground_truth(ground, label_maps)
-    units = _plan(pred_paths, ground, label_maps, classes, iou_type, use_state=use_state, left_out=left_out)
-    pending = [u for u in units if u.conf is None]
-    ray_tasks = _run(pending, ground, label_maps, classes, iou_type,
-                     use_state=use_state, use_ray=use_ray, task_num_cpus=task_num_cpus)
+    evaluated = np.setdiff1d(ground.image_ids, left_out)
+    units = _plan(pred_paths, ground, label_maps, classes, iou_type, use_state=use_state, evaluated=evaluated)
+    pending = [u for u in units if u.state is None]
+    jobs = [(u, ground.subset(u.image_ids), _subset(label_maps, u.image_ids)) for u in pending]
+    ray_tasks = fill_units(semantic_unit, pending, jobs, use_ray=use_ray, min_images=iou_type.ray_min_images,
+                           task_num_cpus=task_num_cpus, classes=classes, use_state=use_state)
     n = classes.n + 1
     total = np.zeros((n, n), np.int64)
     counts: Counter = Counter()
     for u in units:
-        total += u.conf
+        total += u.state
         counts.update(u.counts)
     claimed = np.concatenate([u.image_ids for u in units]) if units else np.zeros(0, np.int64)
-    evaluated = np.setdiff1d(ground.image_ids, left_out)
     uncovered = np.setdiff1d(evaluated, claimed)
     if len(uncovered):  # GT images no prediction holds: every labelled pixel is a miss
         conf, c = _shard_matrix(None, ground.subset(uncovered), _subset(label_maps, uncovered), classes, uncovered, where="")
@@ -311,7 +307,7 @@ _SKIP_KEYS = ("unmapped_category_masks", "unknown_category_masks", "null_predict
 def read_label_maps(gt_path: str) -> dict[int, bytes]:
     """``image_id -> PNG bytes`` of a ground-truth dataset's :data:`LABEL_MAP` column (non-null rows only);
     empty for a COCO file or a dataset without the column."""
-    if _is_coco_file(gt_path):
+    if is_results_file(gt_path):
         return {}
     out: dict[int, bytes] = {}
     for shard in list_shards(gt_path):
@@ -328,48 +324,37 @@ def images_without_ground_truth(ground: GroundTruth, label_maps: dict[int, bytes
     """Image ids (sorted) that semantic evaluation leaves out: in a dataset whose semantic ground truth
     is its label maps (``dataset.json`` says so: ``import-images --labels``), the images without one
     (no label file, or one the import refused). Empty for any other ground truth."""
-    if _is_coco_file(ground.source) or not is_label_map_dataset(read_meta(ground.source)):
+    if is_results_file(ground.source) or not is_label_map_dataset(read_meta(ground.source)):
         return np.zeros(0, np.int64)
     return np.setdiff1d(ground.image_ids, np.fromiter(label_maps, np.int64, len(label_maps)))
-
-
-def _is_coco_file(path: str) -> bool:
-    return path.endswith(".json") and "://" not in path and os.path.isfile(path)
 
 
 def _subset(label_maps: dict[int, bytes], ids) -> dict[int, bytes]:
     return {int(i): label_maps[int(i)] for i in ids if int(i) in label_maps}
 
 
-def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state, left_out) -> list[SemUnit]:
-    units, seen = [], np.zeros(0, np.int64)
-    for path in pred_paths:
-        if is_results_file(path):
-            raise EvalInputError(f"{path}: --iou-type semantic reads a prediction dataset (a segment stage's output), not a results file")
-        for shard in list_shards(path):
-            data, ids = read_shard_image_ids(shard, ground)
-            ids = np.setdiff1d(ids, left_out, assume_unique=True)  # no ground truth: not evaluated
-            claimed = np.setdiff1d(ids, seen, assume_unique=True)
-            seen = np.union1d(seen, claimed)
-            sha = hashlib.sha256(data).hexdigest()
-            lm = hashlib.sha256()
-            for i in claimed.tolist():
-                lm.update(f"{i}:".encode() + hashlib.sha256(label_maps.get(i, b"")).digest())
-            payload = {
-                "version": STATE_VERSION, "shard_sha256": sha, "classes": list(classes.ids),
-                "gt": ground.subset(claimed).fingerprint(iou_type), "label_maps": lm.hexdigest(),
-                "images": hashlib.sha256(claimed.tobytes()).hexdigest(),
-            }
-            key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-            unit = SemUnit(source=shard, image_ids=claimed, shard_sha256=sha, key=key, state_path=state_path(shard, iou_type.name))
-            if len(claimed) < len(ids):
-                unit.counts["duplicate_images"] = int(len(ids) - len(claimed))
-            if use_state:
-                loaded = load_array_state(unit.state_path)
-                if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (classes.n + 1,) * 2:
-                    unit.conf, unit.cached = loaded[0], True
-                    unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
-            units.append(unit)
+def _plan(pred_paths, ground, label_maps, classes, iou_type, *, use_state, evaluated) -> list[SemUnit]:
+    units = []
+    claims = claim_shards(pred_paths, ground, evaluated, iou_type_name=iou_type.name, made_by="a segment stage's output")
+    for shard, sha, claimed, duplicates in claims:
+        lm = hashlib.sha256()
+        for i in claimed.tolist():
+            lm.update(f"{i}:".encode() + hashlib.sha256(label_maps.get(i, b"")).digest())
+        payload = {
+            "version": STATE_VERSION, "shard_sha256": sha, "classes": list(classes.ids),
+            "gt": ground.subset(claimed).fingerprint(iou_type), "label_maps": lm.hexdigest(),
+            "images": hashlib.sha256(claimed.tobytes()).hexdigest(),
+        }
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        unit = SemUnit(source=shard, image_ids=claimed, shard_sha256=sha, key=key, state_path=state_path(shard, iou_type.name))
+        if duplicates:
+            unit.counts["duplicate_images"] = duplicates
+        if use_state:
+            loaded = load_array_state(unit.state_path)
+            if loaded is not None and loaded[1].get("key") == key and loaded[0].shape == (classes.n + 1,) * 2:
+                unit.state, unit.cached = loaded[0], True
+                unit.counts = Counter(loaded[1].get("counts", {}))  # its duplicates included: they are in the key
+        units.append(unit)
     return units
 
 
@@ -438,15 +423,3 @@ def semantic_unit(unit: SemUnit, gt: GroundTruth, label_maps: dict[int, bytes], 
     return conf, counts, warnings
 
 
-def _run(pending, ground, label_maps, classes, iou_type, *, use_state, use_ray, task_num_cpus) -> int:
-    """Fill ``conf``/``counts`` of every pending unit (Ray tasks or here); returns how many Ray tasks ran."""
-    jobs = [(u, ground.subset(u.image_ids), _subset(label_maps, u.image_ids)) for u in pending]
-    if not jobs:
-        return 0
-    use_ray = want_ray(use_ray, sum(len(u.image_ids) for u in pending), iou_type.ray_min_images)
-    results, ray_tasks = run_tasks(semantic_unit, jobs, use_ray=use_ray, task_num_cpus=task_num_cpus, classes=classes, use_state=use_state)
-    for unit, (conf, counts, warnings) in zip(pending, results):
-        unit.conf, unit.counts = conf, counts
-        for w in warnings:
-            log.warning(w)
-    return ray_tasks

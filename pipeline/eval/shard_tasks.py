@@ -13,20 +13,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import sys
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.data.shards import DatasetError, join, publish_bytes, resolve
+from pipeline.data.shards import DatasetError, join, list_shards, publish_bytes, resolve
 from pipeline.eval.groundtruth import GroundTruth
 from pipeline.eval.params import EvalInputError
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = "eval"  # beside the prediction shards: <folder>/eval/<iou_type>/<shard stem>.npz
 
@@ -60,6 +63,28 @@ def read_shard_image_ids(shard: str, ground: GroundTruth) -> tuple[bytes, np.nda
             f"({len(unknown)} such image(s)); is this the right --gt?"
         )
     return data, ids
+
+
+def claim_shards(
+    pred_paths: Sequence[str], ground: GroundTruth, evaluated: np.ndarray, *, iou_type_name: str, made_by: str
+) -> Iterator[tuple[str, str, np.ndarray, int]]:
+    """Each prediction shard with the ``evaluated`` image ids it is the first to hold.
+
+    Yields ``(shard, its sha256, claimed ids (sorted), duplicates)``: an image predicted in several
+    shards or PRED datasets counts once, for the first (``duplicates``: ids this shard holds that an
+    earlier one claimed). ``made_by`` names the stage whose output the type reads, for the error on
+    a COCO results file.
+    """
+    seen = np.zeros(0, np.int64)
+    for path in pred_paths:
+        if is_results_file(path):
+            raise EvalInputError(f"{path}: --iou-type {iou_type_name} reads a prediction dataset ({made_by}), not a results file")
+        for shard in list_shards(path):
+            data, ids = read_shard_image_ids(shard, ground)
+            ids = np.intersect1d(ids, evaluated, assume_unique=True)  # images without ground truth: not evaluated
+            claimed = np.setdiff1d(ids, seen, assume_unique=True)
+            seen = np.union1d(seen, claimed)
+            yield shard, hashlib.sha256(data).hexdigest(), claimed, int(len(ids) - len(claimed))
 
 
 def read_checked_table(source: str, shard_sha256: str) -> pa.Table:
@@ -116,6 +141,22 @@ def run_tasks(fn: Callable, jobs: Sequence[tuple], *, use_ray: bool, task_num_cp
     finally:
         if started:
             ray.shutdown()
+
+
+def fill_units(fn: Callable, pending: Sequence, jobs: Sequence[tuple], *, use_ray: bool | None, min_images: int,
+               task_num_cpus: float, **kwargs) -> int:
+    """Run ``fn(*job, **kwargs) -> (state, counts, warnings)`` for each pending unit of a self-contained
+    type (Ray tasks when :func:`want_ray` says so, else here), set each unit's ``state`` and ``counts``,
+    log the warnings; returns how many Ray tasks ran."""
+    if not pending:
+        return 0
+    use_ray = want_ray(use_ray, sum(len(u.image_ids) for u in pending), min_images)
+    results, ray_tasks = run_tasks(fn, jobs, use_ray=use_ray, task_num_cpus=task_num_cpus, **kwargs)
+    for unit, (state, counts, warnings) in zip(pending, results):
+        unit.state, unit.counts = state, counts
+        for w in warnings:
+            log.warning(w)
+    return ray_tasks
 
 
 def save_array_state(path: str, array: np.ndarray, meta: dict) -> None:
