@@ -50,7 +50,7 @@ from pipeline import schema
 from pipeline.config.paths import path_field
 from pipeline.config.spec import StageSpec
 from pipeline.models.registry import get_entry, list_models
-from pipeline.stages.classify import ClassifySpec, ClassifyStage, Size
+from pipeline.stages.classify import DEFAULT_NUM_CLASSES, ClassifyStage, Size
 from pipeline.stages.common import append_columns, batch_images
 from pipeline.stages.detect import check_model_kwargs, check_weights
 
@@ -102,7 +102,7 @@ class ExplainSpec(StageSpec):
 
     def preflight(self) -> None:
         check_model_kwargs(self, self.model, self.model_kwargs)
-        check_weights(self.model, self.weights, self.num_classes or ClassifySpec.defaults().num_classes or 1000)
+        check_weights(self.model, self.weights, self.num_classes or DEFAULT_NUM_CLASSES)
 
 
 DEFAULT = ExplainSpec.defaults()

@@ -22,16 +22,15 @@ Images are normalised with ImageNet's mean and std, as the ``segment`` stage's
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.transforms._presets import SemanticSegmentation
 
 from pipeline import schema
 from pipeline.data.decode import decode_image
+from pipeline.data.label_maps import decode_png_label_map
 from pipeline.train.targets import annotation_mask
 
 IGNORE = schema.SEMANTIC_IGNORE
@@ -56,10 +55,7 @@ def row_label_map(row: dict, label_of: dict[int, int], height: int, width: int) 
     """(height, width) int64 model labels of one row (see the module docstring); raises ValueError on bad input."""
     data = row.get(schema.LABEL_MAP)
     if data is not None:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode not in ("L", "P"):
-                raise ValueError(f"image {row['image_id']}: label map is a {im.mode} image, not 8-bit grey or palette")
-            values = np.asarray(im, dtype=np.uint8)
+        values = decode_png_label_map(data, where=f"image {row['image_id']}", error=ValueError)
         if values.shape != (height, width):
             raise ValueError(f"image {row['image_id']}: label map is {values.shape[1]}x{values.shape[0]}, the image {width}x{height}")
         labels = label_lut(label_of)[values]

@@ -193,13 +193,14 @@ def semantic_class_weights(spec: TrainSpec, shards: list[str], categories: list[
         return None
     labelled = label_categories(categories)
     label_of = {c["id"]: c["label"] for c in labelled}
+    required = required_column(spec)  # reads dataset.json: once, not per shard
     rows: list[dict] = []
     for shard in shards:
         names = shard_schema(shard).names
         columns = [c for c in (schema.IMAGE_ID, schema.IMAGE, schema.ANNOTATIONS, schema.LABEL_MAP) if c in names]
         table = read_shard(shard, columns=columns)
-        if required_column(spec):
-            table = table.filter(pc.is_valid(table[required_column(spec)]))
+        if required:
+            table = table.filter(pc.is_valid(table[required]))
         rows += table.slice(0, CLASS_WEIGHT_ROWS - len(rows)).to_pylist()
         if len(rows) >= CLASS_WEIGHT_ROWS:
             break

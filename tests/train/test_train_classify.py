@@ -3,7 +3,6 @@ bad labels refused before training, and a checkpoint the classify stage loads wi
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
