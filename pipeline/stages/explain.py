@@ -148,11 +148,13 @@ class ExplainStage:
         self.device = self.classifier.device
         self.method, self.labels_column = method, labels_column
         self.patch, self.stride, self.samples, self.noise = patch, stride, samples, noise
-        crop_size = self.classifier.transform.crop_size[0]
-        self.layer_name = gradcam_layer(self.model, crop_size, self.device) if layer == "auto" else layer
-        self.layer = dict(self.model.named_modules()).get(self.layer_name)
-        if method == "gradcam" and self.layer is None:
-            raise ValueError(f"layer {self.layer_name!r} is not a module of {model}")
+        self.layer_name, self.layer = None, None  # Grad-CAM's layer; the other methods need none (nor the dry run)
+        if method == "gradcam":
+            crop_size = self.classifier.transform.crop_size[0]
+            self.layer_name = gradcam_layer(self.model, crop_size, self.device) if layer == "auto" else layer
+            self.layer = dict(self.model.named_modules()).get(self.layer_name)
+            if self.layer is None:
+                raise ValueError(f"layer {self.layer_name!r} is not a module of {model}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch_images(batch)
