@@ -121,6 +121,17 @@ PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORE
 # --- style transfer (written by the style stage; `column` may rename it) ---------------------------
 STYLIZED = "stylized"  # per row: the restyled picture, encoded (JPEG or PNG bytes), EXIF orientation applied
 STYLIZED_TYPE = pa.binary()
+SYNTHESIZED = "synthesized"  # per row: an image made by optimisation (a synthesize stage), PNG bytes at the image's size
+SYNTHESIZED_TYPE = pa.binary()
+FOOL_TARGET = "fool_target"  # per row: the class label a fooling image was made for
+FOOL_TARGET_TYPE = pa.int32()
+FOOL_SUCCESS = "fool_success"  # per row: the classifier puts that class first on the 8-bit fooling image
+FOOL_SUCCESS_TYPE = pa.bool_()
+FOOL_LINF = "fool_linf"  # per row: the perturbation's L-infinity norm, pixel values in [0, 1]
+FOOL_L2 = "fool_l2"  # per row: its L2 norm over all pixels and channels, same units
+FOOL_NORM_TYPE = pa.float32()
+FOOL_STEPS = "fool_steps"  # per row: signed-gradient steps taken (the image stops once fooled)
+FOOL_STEPS_TYPE = pa.int32()
 
 # --- image classification (written by the classify stage) ------------------------------------------
 # Per row, the model's top k classes, best first (k = the stage's top_k, at most the model's classes).
@@ -139,7 +150,7 @@ LABEL_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field(LABEL, LABEL_TYPE))
 
 # --- visual explanations (written by the explain stage) ----------------------------------------
 # One entry per explained prediction (a classify stage's top-1 class: one per image), same order.
-ATTRIBUTION_MAPS = "attribution_maps"  # per row: 8-bit grey PNGs at the image's size, each scaled to max 255
+ATTRIBUTION_MAPS = "attribution_maps"  # per row: 8-bit grey PNGs at the image's size, each scaled to max 255 (b"": a box not explained)
 ATTRIBUTION_IN_BOX = "attribution_in_box"  # per row: share of each map's positive mass inside its box (null: no box)
 ATTRIBUTION_PEAK_IN_BOX = "attribution_peak_in_box"  # per row: whether each map's maximum lies in its box (null: no box)
 ATTRIBUTION_MAPS_TYPE = pa.list_(pa.binary())

@@ -10,6 +10,9 @@ What a picture shows, made to be read at any image size:
 
 * images whose short side is under ``MIN_SIDE`` (512) px are first upscaled by an integer factor
   (nearest neighbour: the pixels the model saw, only bigger), boxes scaled with them;
+* attribution maps (an explain stage's ``attribution_maps``) as heat (matplotlib's ``inferno``)
+  over the image, per pixel the maximum of a row's maps when it has several (one per explained
+  box), the boxes drawn on top;
 * masks (``masks``, COCO RLE) as translucent fills, boxes (``boxes``, xyxy) as outlines whose
   width grows with the image, keypoints (``keypoints``) as dots;
 * one label per box, ``<category name> <score>`` (e.g. ``circle 0.93``), in DejaVu Sans (the
@@ -383,13 +386,18 @@ HEAT_ALPHA = 0.6  # weight of the heat colour where the map is at its maximum (0
 
 
 def heat_layer(row: dict, height: int, width: int) -> np.ndarray | None:
-    """The row's first attribution map as (H, W) floats in 0..1, or None (no map, or not at the image's size)."""
-    maps = row.get(schema.ATTRIBUTION_MAPS) or []
-    if not maps or maps[0] is None:
-        return None
-    with Image.open(io.BytesIO(maps[0])) as im:
-        values = np.asarray(im.convert("L"), np.float32) / 255.0
-    return values if values.shape == (height, width) else None
+    """The row's attribution maps as one (H, W) layer of floats in 0..1: per pixel the maximum over
+    its maps (one per explained prediction: a class, or each box), maps not at the image's size and
+    empty ones (boxes not explained) left out; None when none is left."""
+    layers = []
+    for png in row.get(schema.ATTRIBUTION_MAPS) or []:
+        if not png:
+            continue
+        with Image.open(io.BytesIO(png)) as im:
+            values = np.asarray(im.convert("L"), np.float32) / 255.0
+        if values.shape == (height, width):
+            layers.append(values)
+    return np.max(layers, axis=0) if layers else None
 
 
 def blend_heat(canvas: np.ndarray, heat: np.ndarray) -> None:

@@ -82,7 +82,7 @@ def test_maps_point_at_the_shape(held_out, method):
     """The pointing game on 32 held-out images: the map's maximum inside the shape's box.
 
     A random point lands in the box about as often as the box's share of the image (~0.2 here).
-    On all 200 held-out images (jobs/explain_shapes.yaml's settings, occlusion stride 4): saliency
+    On all 200 held-out images (jobs/explain_classify_shapes.yaml's settings, occlusion stride 4): saliency
     0.675, smoothgrad 0.785, guided backprop 0.985, occlusion 0.925, Grad-CAM 0.995; on these 32
     (occlusion stride 8, smoothgrad 6 copies) 0.78, 0.75, 1.0, 0.94, 1.0. Inference is deterministic,
     so the thresholds, under those, fail on a regression, not on noise."""
@@ -132,7 +132,7 @@ def test_a_job_explains_every_row_and_is_refused_without_predictions(ray_local, 
     synth_dataset(data, images=10, seed=7, size=64, rows_per_shard=5, classification=True)
     settings = {"stages.classify.pool_size": 1, "stages.classify.num_cpus": 0.5, "stages.explain.pool_size": 1,
                 "stages.explain.num_cpus": 0.5}
-    job = load_job(REPO / "jobs" / "explain_shapes.yaml", overrides=[f"{k}={json.dumps(v)}" for k, v in settings.items()],
+    job = load_job(REPO / "jobs" / "explain_classify_shapes.yaml", overrides=[f"{k}={json.dumps(v)}" for k, v in settings.items()],
                    input=data, output=str(tmp_path / "out"))
     summary = run_job(job, progress=False)
     assert (summary["rows_in"], summary["rows_out"], summary["error_rows"]) == (10, 10, 0)
@@ -147,5 +147,5 @@ def test_a_job_explains_every_row_and_is_refused_without_predictions(ray_local, 
     assert len(pictures["paths"]) == 2
 
     with pytest.raises(ConfigError, match="class_labels"):  # no classify stage before it: refused before any work
-        load_job(REPO / "jobs" / "explain_shapes.yaml", overrides=['stages=[{"name": "explain", "weights": "none", "num_classes": 3}]'],
+        load_job(REPO / "jobs" / "explain_classify_shapes.yaml", overrides=['stages=[{"name": "explain", "weights": "none", "num_classes": 3}]'],
                  input=data, output=str(tmp_path / "refused"))
