@@ -57,6 +57,7 @@ from pipeline.stages.masks import MasksSpec
 from pipeline.stages.proposals import ProposalsSpec
 from pipeline.stages.segment import SegmentSpec
 from pipeline.stages.style import StyleSpec
+from pipeline.stages.synthesize import SynthesizeSpec
 
 STAGES: dict[str, type[StageSpec]] = {}
 
@@ -84,3 +85,4 @@ register(StyleSpec)
 register(SegmentSpec)
 register(ClassifySpec)
 register(ExplainSpec)
+register(SynthesizeSpec)

@@ -63,10 +63,10 @@ VIT_IMAGE_SIZE = 224  # a ViT built without weights takes (image_size x image_si
 Size = PositiveInt | Literal["auto"]
 
 
-class ClassifySpec(StageSpec):
-    """Parameters of a ``classify`` stage (see jobs/classify.yaml)."""
-
-    type_name: ClassVar[str] = "classify"
+class ClassifierKeys(StageSpec):
+    """The keys naming a classifier and its input, shared by the stages that run one (``classify``,
+    and ``synthesize``, which optimises images against it): a stage given the same values runs the
+    same network on the same preprocessed input."""
 
     model: str = Field("resnet18", description="a torchvision classification model, e.g. resnet18, mobilenet_v3_small, "
                        "efficientnet_b0, convnext_tiny, vit_b_16 (all: pipeline.models.registry.list_models('classify'))")
@@ -74,8 +74,6 @@ class ClassifySpec(StageSpec):
     num_classes: PositiveInt | None = Field(
         None, description=f"classes of the model's head (weights none/bare state dict; default {DEFAULT_NUM_CLASSES}, ImageNet's)"
     )
-    top_k: PositiveInt = Field(5, description="classes kept per image, best first (at most the model's classes)")
-    category_map: CategoryMap = Field("auto", description="model label -> dataset category id; auto: by name when both sides name them")
     resize: Size = Field(
         "auto", description=f"shorter side before the center crop, px; auto: the weights' transforms' (a checkpoint's 'resize', else {DEFAULT_RESIZE})"
     )
@@ -92,7 +90,7 @@ class ClassifySpec(StageSpec):
         return value
 
     @model_validator(mode="after")
-    def _known_model_kwargs(self) -> "ClassifySpec":
+    def _known_model_kwargs(self) -> "ClassifierKeys":
         check_model_kwargs(self, self.model, self.model_kwargs)
         if self.weights.lower() == "none" and "image_size" in accepted_kwargs(self.model):
             crop = DEFAULT_CROP if self.crop == "auto" else self.crop
@@ -100,6 +98,18 @@ class ClassifySpec(StageSpec):
             if crop != size:  # a ViT's position embeddings fix its input size: it would fail on the first batch
                 raise ValueError(f"crop {crop} is not {self.model}'s image_size {size}; set crop and model_kwargs.image_size alike")
         return self
+
+    def preflight(self) -> None:
+        check_weights(self.model, self.weights, self.num_classes or DEFAULT_NUM_CLASSES)
+
+
+class ClassifySpec(ClassifierKeys):
+    """Parameters of a ``classify`` stage (see jobs/classify.yaml)."""
+
+    type_name: ClassVar[str] = "classify"
+
+    top_k: PositiveInt = Field(5, description="classes kept per image, best first (at most the model's classes)")
+    category_map: CategoryMap = Field("auto", description="model label -> dataset category id; auto: by name when both sides name them")
 
     @classmethod
     def stage_class(cls) -> type:
@@ -110,9 +120,6 @@ class ClassifySpec(StageSpec):
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return dict(CLASSIFY_COLUMNS)
-
-    def preflight(self) -> None:
-        check_weights(self.model, self.weights, self.num_classes or DEFAULT_NUM_CLASSES)
 
     def model_categories(self) -> list[dict] | None:
         return resolve_weights(self.model, self.weights).categories()

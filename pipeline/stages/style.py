@@ -7,7 +7,8 @@ Two methods:
   ``pipeline train-style`` wrote. One forward pass per image; the stage returns what a direct call
   of that network returns (see :mod:`pipeline.models.transformer_net` for the 0..255 convention).
 * ``optimize``: the slow method (Gatys et al.). No trained network: each image is itself optimised
-  (Adam, ``steps`` steps, starting from the content image) against its own VGG-16 relu2_2 features
+  (Adam, ``steps`` steps, starting from the content image; the loop of :mod:`pipeline.optimize`)
+  against its own VGG-16 relu2_2 features
   (content) and the Gram matrices of ``style_image`` (style). Minutes per image on a CPU.
 
 Output per image, in column ``column`` (default ``stylized``): the stylized picture as JPEG
@@ -44,6 +45,7 @@ from pipeline.models.transformer_net import (
     read_transformer_checkpoint,
     stylize_tensor,
 )
+from pipeline.optimize import LoopSettings, optimize
 from pipeline.stages.common import batch_images, torch_device
 
 Method = Literal["network", "optimize"]
@@ -193,30 +195,24 @@ def optimize_image(
 ) -> tuple[np.ndarray, list[float]]:
     """Optimise the pixels of ``content`` (RGB uint8 (H, W, 3)) towards the style; returns (image, losses).
 
-    The image starts as the content image, lives in 0..255 (clamped after every Adam step, so
-    ``lr`` is in grey levels per step), and its content target is its own relu2_2 features.
-    ``losses[k]`` is the weighted content + style loss before step ``k``.
+    :func:`pipeline.optimize.optimize` with Adam: the image starts as the content image, is clamped
+    to the pixel range after every step (``lr`` is in grey levels per step, 0..255), and its content
+    target is its own relu2_2 features. ``losses[k]`` is the weighted content + style loss before
+    step ``k``; the result is float32 (H, W, 3) in 0..255.
     """
     h, w = content.shape[:2]
     if min(h, w) < OPTIMIZE_MIN_SIDE:
         raise ValueError(f"image is {w}x{h} px; method optimize needs at least {OPTIMIZE_MIN_SIDE} px per side")
-    with torch.inference_mode(False), torch.enable_grad():
-        x = to_tensor(content, device)
-        with torch.no_grad():
-            target = loss.vgg(x).relu2_2
-        image = x.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([image], lr=lr)
-        losses = []
-        for _ in range(steps):
-            optimizer.zero_grad()
-            content_loss, style_loss = loss(image, target, style_grams)
-            total = content_loss + style_loss
-            total.backward()
-            optimizer.step()
-            with torch.no_grad():
-                image.clamp_(0, 255)
-            losses.append(float(total.item()))
-        return image.detach()[0].permute(1, 2, 0).cpu().numpy(), losses
+    x = to_tensor(content, device)
+    with torch.no_grad():
+        target = loss.vgg(x).relu2_2
+
+    def objective(image: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) in [0, 1]; the loss takes 0..255
+        content_loss, style_loss = loss(image * 255, target, style_grams)
+        return (content_loss + style_loss).reshape(1)
+
+    result = optimize(x / 255, objective, LoopSettings(steps=steps, lr=lr / 255))
+    return (result.images[0] * 255).permute(1, 2, 0).cpu().numpy(), [float(v[0]) for v in result.history]
 
 
 def to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -45,6 +45,7 @@ TINY: dict[str, dict] = {
     "segment": {"model": "lraspp_mobilenet_v3_large", "num_classes": 3, "resize": 64},
     "classify": {"model": "mobilenet_v3_small", "num_classes": 4, "top_k": 2, "resize": 40, "crop": 32},
     "explain": {"method": "gradcam", "model": "small_cnn", "num_classes": 3, "resize": 40, "crop": 32},
+    "synthesize": {"method": "fool", "model": "small_cnn", "num_classes": 3, "resize": 40, "crop": 32, "steps": 2},
 }
 # Column modes beside each type's default: keys that change what a stage reads or writes.
 MODES = [
@@ -53,11 +54,13 @@ MODES = [
     ("keypoints", {"boxes_column": "boxes"}),
     ("proposals", {"output_prefix": "ss_"}),
     ("style", {"column": "restyled"}),
+    ("explain", {"model": "small_maskrcnn", "num_classes": 4, "min_score": 0.0, "model_kwargs": {"min_size": 64, "max_size": 64}}),
+    ("synthesize", {"column": "fooled", "target": 1}),
 ]
 CASES = [(name, {}) for name in list_stages()] + MODES
 # What an earlier stage would have left in a column of each type this test may need to provide.
 EARLIER = {schema.BOXES_TYPE: [[5.0, 6.0, 40.0, 50.0], [0.0, 0.0, 64.0, 64.0]], schema.IDS_TYPE: [1, 2],
-           schema.CLASS_LABELS_TYPE: [2, 0]}
+           schema.CLASS_LABELS_TYPE: [2, 0], schema.SCORES_TYPE: [0.9, 0.6]}
 
 
 @pytest.fixture(scope="module")

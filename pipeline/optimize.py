@@ -1,0 +1,143 @@
+"""The one loop behind every image made by optimisation: pixels changed by gradient steps against a
+fixed network.
+
+Fooling images, class visualisation, feature inversion, DeepDream, texture synthesis and Gatys
+style transfer (cs231n's "visualizing and understanding" and "style transfer") differ only in the
+objective; the loop is the same:
+
+* the parameter is a batch of images, (N, 3, H, W) floats in [0, 1] (the range every method
+  writes back as 8-bit pixels);
+* ``objective(images) -> (N,)`` losses to *minimise*, one per image (images do not interact, so
+  each image's gradient is its own loss's);
+* regularisers added to it: total variation (``tv``: mean absolute difference of neighbouring
+  pixels, the natural-image prior of Mahendran & Vedaldi), ``l2`` (mean squared distance to mid
+  grey, Simonyan et al.); between steps, a Gaussian blur every ``blur_every`` steps (Yosinski et
+  al.), and a random shift of up to ``jitter`` pixels of the image the objective sees
+  (Mordvintsev et al.), drawn from ``seed``;
+* steps: ``adam`` (``lr`` in pixel units) or ``sign`` (``x -= lr * sign(grad)``, the iterative
+  fast gradient sign method of Kurakin et al.);
+* after every step the image is clamped to [0, 1] and, with ``epsilon``, to the L-infinity ball of
+  that radius around the start image (projected gradient descent); with ``quantize``, rounded to
+  the 1/255 grid, so the result is exactly what an 8-bit PNG stores;
+* ``steps`` is the budget; ``done(images) -> (N,) bool``, checked before every step, freezes the
+  images it says are finished (a fooled image stops changing), and ``steps_used`` counts each one's
+  steps.
+
+Everything runs on the device of ``start``; nothing here knows which method it serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Step = Literal["adam", "sign"]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the pixels move (see the module docstring); each method fills what it needs."""
+
+    steps: int
+    lr: float
+    step: Step = "adam"
+    tv: float = 0.0
+    l2: float = 0.0
+    jitter: int = 0
+    blur_every: int = 0
+    blur_sigma: float = 0.5
+    epsilon: float | None = None
+    quantize: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.epsilon is not None and not 0 < self.epsilon <= 1:
+            raise ValueError(f"epsilon must be in (0, 1] (a fraction of the pixel range), got {self.epsilon}")
+
+
+@dataclass
+class LoopResult:
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], detached
+    steps_used: torch.Tensor  # (N,) int64: steps each image took before ``done`` said it was finished
+    first_loss: torch.Tensor  # (N,) the objective (without regularisers) before the first step
+    last_loss: torch.Tensor  # (N,) the same for the images returned
+    history: list[torch.Tensor]  # per step taken, (N,) the loss it descended (objective + regularisers)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N,) mean absolute difference between vertical and horizontal neighbours."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (kernel radius 2 sigma, reflect padding), same shape."""
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def optimize(
+    start: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    settings: LoopSettings,
+    *,
+    done: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> LoopResult:
+    """Run the loop from ``start`` (N, 3, H, W) in [0, 1]; see the module docstring."""
+    s = settings
+    generator = torch.Generator(device="cpu").manual_seed(s.seed)
+    history: list[torch.Tensor] = []
+    with torch.inference_mode(False), torch.enable_grad():  # callers may run under inference mode (a stage's predict)
+        origin = start.detach().clone()
+        x = origin.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=s.lr) if s.step == "adam" else None
+        steps_used = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+        active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            first_loss = objective(x.detach()).detach()
+        for step in range(s.steps):
+            if done is not None:
+                with torch.no_grad():
+                    active &= ~done(x.detach())
+            if not active.any():
+                break
+            seen = x
+            if s.jitter:
+                dy, dx = (int(v) for v in torch.randint(-s.jitter, s.jitter + 1, (2,), generator=generator))
+                seen = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            loss = objective(seen)
+            if s.tv:
+                loss = loss + s.tv * total_variation(x)
+            if s.l2:
+                loss = loss + s.l2 * ((x - 0.5) ** 2).mean(dim=(1, 2, 3))
+            history.append(loss.detach())
+            (gradient,) = torch.autograd.grad(loss.sum(), x)
+            before = x.detach().clone()
+            with torch.no_grad():
+                if optimizer is None:
+                    x -= s.lr * gradient.sign()
+                else:
+                    x.grad = gradient
+                    optimizer.step()
+                if s.blur_every and (step + 1) % s.blur_every == 0:
+                    x.copy_(gaussian_blur(x, s.blur_sigma))
+                if s.epsilon is not None:
+                    x.copy_(torch.maximum(torch.minimum(x, origin + s.epsilon), origin - s.epsilon))
+                x.clamp_(0, 1)
+                if s.quantize:
+                    x.copy_(torch.round(x * 255) / 255)
+                x[~active] = before[~active]  # finished images stay as they were
+                steps_used += active.long()
+        with torch.no_grad():
+            last_loss = objective(x.detach()).detach()
+    return LoopResult(x.detach(), steps_used, first_loss, last_loss, history)
