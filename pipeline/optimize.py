@@ -13,7 +13,8 @@ objective; the loop is the same:
   pixels, the natural-image prior of Mahendran & Vedaldi), ``l2`` (mean squared distance to mid
   grey, Simonyan et al.); between steps, a Gaussian blur every ``blur_every`` steps (Yosinski et
   al.), and a random shift of up to ``jitter`` pixels of the image the objective sees
-  (Mordvintsev et al.), drawn from ``seed``;
+  (Mordvintsev et al.), drawn per image from its seed (so an image's result does not depend on
+  the batch it ran in);
 * steps: ``adam`` (``lr`` in pixel units) or ``sign`` (``x -= lr * sign(grad)``, the iterative
   fast gradient sign method of Kurakin et al.);
 * after every step the image is clamped to [0, 1] and, with ``epsilon``, to the L-infinity ball of
@@ -28,7 +29,7 @@ Everything runs on the device of ``start``; nothing here knows which method it s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,10 +93,13 @@ def optimize(
     settings: LoopSettings,
     *,
     done: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> LoopResult:
-    """Run the loop from ``start`` (N, 3, H, W) in [0, 1]; see the module docstring."""
+    """Run the loop from ``start`` (N, 3, H, W) in [0, 1]; see the module docstring. ``seeds``: one per
+    image for its jitter (default ``settings.seed + k``)."""
     s = settings
-    generator = torch.Generator(device="cpu").manual_seed(s.seed)
+    seeds = list(seeds) if seeds is not None else [s.seed + k for k in range(len(start))]
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     history: list[torch.Tensor] = []
     with torch.inference_mode(False), torch.enable_grad():  # callers may run under inference mode (a stage's predict)
         origin = start.detach().clone()
@@ -112,9 +116,9 @@ def optimize(
             if not active.any():
                 break
             seen = x
-            if s.jitter:
-                dy, dx = (int(v) for v in torch.randint(-s.jitter, s.jitter + 1, (2,), generator=generator))
-                seen = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            if s.jitter:  # each image its own shift, from its own generator: a result does not depend on its batch
+                shifts = [[int(v) for v in torch.randint(-s.jitter, s.jitter + 1, (2,), generator=g)] for g in generators]
+                seen = torch.stack([torch.roll(x[k], shifts=tuple(shifts[k]), dims=(1, 2)) for k in range(len(x))])
             loss = objective(seen)
             if s.tv:
                 loss = loss + s.tv * total_variation(x)
@@ -141,3 +145,33 @@ def optimize(
         with torch.no_grad():
             last_loss = objective(x.detach()).detach()
     return LoopResult(x.detach(), steps_used, first_loss, last_loss, history)
+
+
+class _Reached(Exception):
+    """Raised by a forward hook once the last wanted layer has run: the layers after it are skipped."""
+
+
+def layer_outputs(model: torch.nn.Module, layers: Sequence[torch.nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``model`` on ``x`` and return the outputs of ``layers`` (in their order), stopping the
+    forward pass as soon as all have run: the objectives on a layer's features pay for no more of
+    the network than they use."""
+    kept: dict[int, torch.Tensor] = {}
+    wanted = {id(m) for m in layers}
+
+    def tap(module, _inputs, output):
+        kept[id(module)] = output
+        if wanted <= kept.keys():
+            raise _Reached
+
+    handles = [m.register_forward_hook(tap) for m in layers]
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [m for m in layers if id(m) not in kept]
+    if missing:
+        raise RuntimeError(f"{len(missing)} layer(s) were not reached by the forward pass")
+    return [kept[id(m)] for m in layers]

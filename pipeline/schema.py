@@ -132,6 +132,12 @@ FOOL_L2 = "fool_l2"  # per row: its L2 norm over all pixels and channels, same u
 FOOL_NORM_TYPE = pa.float32()
 FOOL_STEPS = "fool_steps"  # per row: signed-gradient steps taken (the image stops once fooled)
 FOOL_STEPS_TYPE = pa.int32()
+INVERT_FEATURE_ERROR = "invert_feature_error"  # per row: ||f(x) - f(x0)|| / ||f(x0)|| of a feature inversion at its layer
+INVERT_PSNR = "invert_psnr"  # per row: PSNR (dB) of the inversion against the image as the network saw it
+DREAM_GAIN = "dream_gain"  # per row: DeepDream's mean squared activation of its layer, after over before
+SYNTH_METRIC_TYPE = pa.float32()
+TEXTURE_LOSS_START = "texture_loss_start"  # per row of a generated texture: the Gram loss of its starting noise
+TEXTURE_LOSS_END = "texture_loss_end"  # ... and of the image written
 
 # --- image classification (written by the classify stage) ------------------------------------------
 # Per row, the model's top k classes, best first (k = the stage's top_k, at most the model's classes).
@@ -147,6 +153,8 @@ CLASS_CATEGORY_IDS_TYPE = pa.list_(pa.int64())  # as detect's CATEGORY_IDS and t
 LABEL = "label"
 LABEL_TYPE = pa.int64()
 LABEL_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field(LABEL, LABEL_TYPE))
+SEED = "seed"  # per row of a generated dataset (pipeline generate): the seed its image was made from
+SEED_TYPE = pa.int64()
 
 # --- visual explanations (written by the explain stage) ----------------------------------------
 # One entry per explained prediction (a classify stage's top-1 class: one per image), same order.

@@ -8,6 +8,7 @@ from pipeline import __version__
 from pipeline.cli.annotate import export_coco_cmd, export_labelstudio_cmd, export_yolo_cmd, import_labelstudio_cmd, merge_cmd
 from pipeline.cli.data import data
 from pipeline.cli.eval import eval_cmd
+from pipeline.cli.generate import generate
 from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.review import review_cmd
 from pipeline.cli.run import run
@@ -26,6 +27,7 @@ main.add_command(run)
 main.add_command(eval_cmd)
 main.add_command(train)
 main.add_command(train_style)
+main.add_command(generate)
 main.add_command(submit)
 main.add_command(jobs)
 main.add_command(review_cmd)

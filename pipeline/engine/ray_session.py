@@ -22,16 +22,24 @@ def ensure_ray(job: JobSpec) -> bool:
     # Ray's INFO lines ("Started a local Ray instance", "execution finished in ...") say nothing the
     # progress bar and the summary do not; warnings and errors still show.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return start_ray(job.ray.address, job.ray.num_cpus)
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address`` or start embedded local Ray (``num_cpus``: its CPUs, default
+    all); returns True if we started it. Nothing happens when Ray is already initialised."""
+    import ray
+
     if ray.is_initialized():
         return False
-    if job.ray.address:
+    if address:
         # Ship this package's code with the job so cluster workers run the same version as the
         # driver (their Python environment must still have the dependencies installed). A job
         # submitted through the Job API already carries it in its runtime_env.
         submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         runtime_env = None if submitted else {"py_modules": [os.path.dirname(pipeline.__file__)]}
-        ray.init(address=job.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # address="local": always a new embedded instance, never a cluster someone started here.
-        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     return True

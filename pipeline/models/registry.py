@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -235,3 +235,14 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise WeightsError(f"checkpoint {path} does not fit model {name}: " + "; ".join(parts))
+
+
+def check_layers(name: str, layers: Sequence[str], *, num_classes: int | None = None, extra: dict | None = None) -> None:
+    """Refuse layer names the model does not have, listing the ones it has. The model is built on the
+    meta device with random weights: no memory, no file read."""
+    with torch.device("meta"):
+        network, _ = build_model(name, ResolvedWeights("none"), num_classes=num_classes, extra=extra)
+    modules = [n for n, _ in network.named_modules() if n]
+    unknown = [layer for layer in layers if layer not in modules]
+    if unknown:
+        raise ValueError(f"layer {', '.join(repr(u) for u in unknown)} is not a module of {name}; its layers: {', '.join(modules)}")

@@ -247,3 +247,13 @@ def load_checkpoint(path: str) -> dict:
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
     raise WeightsError(f"checkpoint {path} is neither a state dict nor a dict with a 'model' state dict")
+
+
+def checkpoint_model_name(path: str) -> str:
+    """The registered model a project checkpoint was trained as (its ``model_name``); raises naming the file."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path} is not a checkpoint file: give a project checkpoint .pth, or a model name and --weights")
+    name = load_checkpoint(path).get("model_name")
+    if not name:
+        raise WeightsError(f"checkpoint {path} does not name its model (no 'model_name'): give the model name and --weights {path}")
+    return str(name)

@@ -184,7 +184,7 @@ class ExplainStage:
     ):
         self.boxes = None
         if get_entry(model).task != "classify":  # a detector: pipeline.stages.explain_boxes
-            from pipeline.stages.explain_boxes import detector_explainer
+            from pipeline.stages.explain_boxes import detector_explainer  # late: it imports this module's helpers
 
             self.boxes = detector_explainer(dict(
                 model=model, weights=weights, num_classes=num_classes, model_kwargs=model_kwargs, device=device,

@@ -39,6 +39,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from pipeline.stages.common import batch_images, parse_boxes, parse_labels
+from pipeline.stages.detect import DetectStage
 from pipeline.stages.explain import CAM_METHODS, encode_map, gradcam_layer, layer_cam, occlusion, smoothgrad
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,6 @@ def box_statistics(attribution: np.ndarray, box: np.ndarray) -> tuple[float, boo
 
 def detector_explainer(settings: dict[str, Any]) -> BoxExplainer:
     """Build the detector, as a ``detect`` stage with the same model and weights would, and its explainer."""
-    from pipeline.stages.detect import DetectStage
-
     stage = DetectStage(model=settings["model"], weights=settings["weights"], num_classes=settings["num_classes"],
                         model_kwargs=settings["model_kwargs"], device=settings["device"], threads=settings["threads"])
     num_classes = int(stage.model.roi_heads.box_predictor.cls_score.out_features) if hasattr(stage.model, "roi_heads") else 1 << 30

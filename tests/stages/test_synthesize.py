@@ -128,3 +128,42 @@ def test_the_job_is_checked_independently_and_bad_settings_are_refused(ray_local
     with pytest.raises(ConfigError, match="target 7 is not a class"):  # the checkpoint has 3: refused before any work
         run_job(job, progress=False)
     assert not (tmp_path / "refused").exists()
+
+
+def test_inversion_loses_more_of_the_image_the_deeper_the_layer(held_out):
+    """Mahendran & Vedaldi: from the first convolutions the image comes back almost whole, from deeper
+    layers less and less (PSNR against the image as the network saw it). 200 held-out images at 200
+    steps: see jobs/README.md; here 4 images, 80 steps."""
+    four = held_out.slice(0, 4)
+    psnr, error = {}, {}
+    for layer in ("features.0", "features.4"):
+        out = SynthesizeStage(method="invert", model="small_cnn", weights=WEIGHTS, layer=layer, steps=60)(four)
+        psnr[layer] = np.mean(out[schema.INVERT_PSNR].to_pylist())
+        error[layer] = np.mean(out[schema.INVERT_FEATURE_ERROR].to_pylist())
+        with Image.open(io.BytesIO(out[schema.SYNTHESIZED][0].as_py())) as im:
+            assert im.size == (64, 64)  # the classifier's crop
+    assert psnr["features.0"] > 15 and psnr["features.0"] > psnr["features.4"] + 5, psnr
+    assert error["features.0"] < 0.2 and error["features.4"] < 0.6, error  # the features are matched, not only the pixels
+
+
+def test_deepdream_amplifies_its_layer_and_keeps_the_image_size(held_out):
+    four = held_out.slice(0, 4)
+    out = SynthesizeStage(method="deepdream", model="small_cnn", weights=WEIGHTS, layer="features.4", steps=5, octaves=2)(four)
+    assert min(out[schema.DREAM_GAIN].to_pylist()) > 1.5
+    for png, w, h in zip(out[schema.SYNTHESIZED].to_pylist(), four[schema.WIDTH].to_pylist(), four[schema.HEIGHT].to_pylist()):
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.size == (w, h)
+
+
+def test_an_unknown_layer_is_refused_listing_the_layers(ray_local, tmp_path):
+    from pipeline.engine.runner import run_job
+
+    data = str(tmp_path / "shapes")
+    synth_dataset(data, images=2, seed=300, classification=True)
+    job = load_job(REPO / "jobs" / "invert.yaml", overrides=['stages.invert_deep.layer="features.9"'], input=data,
+                   output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"layer 'features.9' is not a module of small_cnn; its layers: features, features.0"):
+        run_job(job, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="needs layer"):
+        load_job(REPO / "jobs" / "deepdream.yaml", overrides=["stages.deepdream.layer=null"], input=data, output=str(tmp_path / "o2"))

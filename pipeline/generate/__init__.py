@@ -1,0 +1,9 @@
+"""``pipeline generate``: new images datasets made by a generator, spread over Ray actors.
+
+* :mod:`pipeline.generate.distribute`: splits N images into shards, one Ray actor per share of the
+  cluster (a GPU each when asked), each actor building its generator once and writing its shards
+  as they finish; ``dataset.json`` records the provenance (method, network, weights file and its
+  sha256, settings) and every row its ``seed``: any image can be made again.
+* :mod:`pipeline.generate.class_visualisation`: images a classifier scores as a class
+  (gradient ascent from noise, Simonyan et al.; Yosinski et al.'s regularisers).
+"""
