@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -58,8 +60,19 @@ class LoopSettings:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.epsilon is not None and not 0 < self.epsilon <= 1:
             raise ValueError(f"epsilon must be in (0, 1] (a fraction of the pixel range), got {self.epsilon}")
+        if self.quantize and self.epsilon is not None and self.radius() == 0:
+            raise ValueError(f"epsilon {self.epsilon} is less than one grey level (1/255): an 8-bit image cannot move")
+
+    def radius(self) -> float | None:
+        """The L-infinity radius the images keep to: ``epsilon``, on the 8-bit grid rounded down to a
+        whole number of grey levels (rounding a pixel inside a ball of 3.5/255 could leave it 4/255 away)."""
+        if self.epsilon is None or not self.quantize:
+            return self.epsilon
+        return math.floor(self.epsilon * 255 + 1e-6) / 255
 
 
 @dataclass
@@ -69,6 +82,12 @@ class LoopResult:
     first_loss: torch.Tensor  # (N,) the objective (without regularisers) before the first step
     last_loss: torch.Tensor  # (N,) the same for the images returned
     history: list[torch.Tensor]  # per step taken, (N,) the loss it descended (objective + regularisers)
+
+
+def grey_noise(seeds: Sequence[int], shape: tuple[int, ...], std: float = 0.1) -> torch.Tensor:
+    """(len(seeds), *shape) mid-grey plus Gaussian noise of ``std``, clamped to [0, 1]: the usual start of
+    an image made from nothing, drawn from each image's own seed (the same image in any batch)."""
+    return torch.stack([(0.5 + std * torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))).clamp(0, 1) for s in seeds])
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +155,7 @@ def optimize(
                 if s.blur_every and (step + 1) % s.blur_every == 0:
                     x.copy_(gaussian_blur(x, s.blur_sigma))
                 if s.epsilon is not None:
-                    x.copy_(torch.maximum(torch.minimum(x, origin + s.epsilon), origin - s.epsilon))
+                    x.copy_(torch.maximum(torch.minimum(x, origin + s.radius()), origin - s.radius()))
                 x.clamp_(0, 1)
                 if s.quantize:
                     x.copy_(torch.round(x * 255) / 255)

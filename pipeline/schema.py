@@ -121,7 +121,7 @@ PROPOSAL_SCORES = "proposal_scores"  # per row: N float32, non-increasing (SCORE
 # --- style transfer (written by the style stage; `column` may rename it) ---------------------------
 STYLIZED = "stylized"  # per row: the restyled picture, encoded (JPEG or PNG bytes), EXIF orientation applied
 STYLIZED_TYPE = pa.binary()
-SYNTHESIZED = "synthesized"  # per row: an image made by optimisation (a synthesize stage), PNG bytes at the image's size
+SYNTHESIZED = "synthesized"  # per row: an image made by optimisation (a synthesize stage), PNG bytes at the image's size (invert: the crop's)
 SYNTHESIZED_TYPE = pa.binary()
 FOOL_TARGET = "fool_target"  # per row: the class label a fooling image was made for
 FOOL_TARGET_TYPE = pa.int32()

@@ -23,7 +23,7 @@ import torch
 from pipeline.config.paths import is_path, sha256_of
 from pipeline.models.registry import get_entry
 from pipeline.models.weights import load_checkpoint, resolve_weights
-from pipeline.optimize import LoopSettings, optimize
+from pipeline.optimize import LoopSettings, grey_noise, optimize
 from pipeline.stages.classify import DEFAULT_NUM_CLASSES, ClassifyStage
 
 
@@ -92,10 +92,7 @@ class ClassVisualiser:
 
     def generate(self, indices: list[int], seeds: list[int]) -> list[tuple[np.ndarray, int, dict]]:
         classes = torch.tensor([i // self.settings.per_class for i in indices])
-        start = torch.stack([
-            (0.5 + 0.1 * torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(s))).clamp(0, 1)
-            for s in seeds
-        ]).to(self.classifier.device)
+        start = grey_noise(seeds, (3, self.size, self.size)).to(self.classifier.device)
         target = classes.to(self.classifier.device)
 
         def objective(x: torch.Tensor) -> torch.Tensor:

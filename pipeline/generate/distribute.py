@@ -8,13 +8,14 @@ a picklable ``factory(device=...)``: models load once per actor, not per image. 
 free up and write each shard when it is done, so the driver holds counts, not pixels.
 
 Rows: the images-dataset columns (``image`` as PNG, ``label`` the category id) plus ``seed``
-(:data:`pipeline.schema.SEED`), ``seed + i`` for image ``i``; a generator must make the same image
-from the same seed whatever shard or actor it runs on.
+(:data:`pipeline.schema.SEED`), :func:`image_seed` of (``seed``, ``i``) for image ``i``; a generator
+must make the same image from the same seed whatever actor or node it runs on. Remade in the same
+shard (the same batch), an image is the same to the bit; remade alone, up to the summation order
+of batched convolutions (measured: 7% of sub-pixels off by a few grey levels after 60 steps).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable
@@ -22,19 +23,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from pipeline import schema
 from pipeline.data.shards import SHARD_PATTERN, DatasetMeta, join, prepare_output, write_meta, write_shard
+from pipeline.stages.synthesize import encode_png
 
 MAX_ROWS_PER_SHARD = 64  # rows_per_shard's default cap: shards finish (and are written) often
 GENERATED_SCHEMA = schema.LABEL_IMAGE_SCHEMA.append(pa.field(schema.SEED, schema.SEED_TYPE))
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
+def image_seed(seed: int, index: int) -> int:
+    """Image ``index``'s seed: drawn from (seed, index), so datasets made with nearby seeds share no image
+    (``seed + index`` would make ``--seed 1``'s image 0 ``--seed 0``'s image 1)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def row_schema(generator: Any) -> pa.Schema:
@@ -110,6 +111,7 @@ def generate_dataset(
     started = start_ray(address)
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        node_cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])  # an actor lives on one node
         gpus = int(ray.cluster_resources().get("GPU", 0))
         room = int(gpus // num_gpus) if num_gpus > 0 else cpus
         if num_gpus > 0 and room < 1:
@@ -117,12 +119,12 @@ def generate_dataset(
         per_shard = rows_per_shard or max(1, min(MAX_ROWS_PER_SHARD, math.ceil(images / (actors or room))))
         shards = [list(range(s, min(s + per_shard, images))) for s in range(0, images, per_shard)]
         count = max(1, min(actors or room, room, len(shards)))
-        threads = max(1, cpus // count)
-        remote = ray.remote(GenerateActor).options(num_cpus=cpus / count, num_gpus=num_gpus)
+        threads = max(1, min(cpus // count, node_cpus))
+        remote = ray.remote(GenerateActor).options(num_cpus=min(cpus / count, node_cpus), num_gpus=num_gpus)
         device = "cuda" if num_gpus > 0 else "cpu"
         pool = ActorPool([remote.remote(factory, threads, device) for _ in range(count)])
         start, done = time.perf_counter(), 0
-        work = [(k, idx, [seed + i for i in idx]) for k, idx in enumerate(shards)]
+        work = [(k, idx, [image_seed(seed, i) for i in idx]) for k, idx in enumerate(shards)]
         for rows in pool.map_unordered(lambda actor, w: actor.write.remote(out, w[0], w[1], w[2], prefix), work):
             done += rows
             if progress:
@@ -132,7 +134,8 @@ def generate_dataset(
         if started:
             ray.shutdown()
     info = {"description": f"pipeline generate {provenance.get('method', '')}".strip(), "images": images, "seed": seed,
-            "seed_per_image": f"column {schema.SEED}: seed + image_id - 1", "generated": provenance}
+            "seed_per_image": f"column {schema.SEED}: numpy SeedSequence([seed, image_id - 1]).generate_state(1)[0]",
+            "generated": provenance}
     write_meta(out, DatasetMeta(categories=categories, info=info))
     return {"images": images, "shards": len(shards), "actors": count, "seconds": round(seconds, 2)}
 

@@ -23,7 +23,8 @@ from PIL import Image
 from pipeline import schema
 from pipeline.config.paths import is_path, sha256_of
 from pipeline.models.registry import check_layers, get_entry
-from pipeline.optimize import LoopSettings, layer_outputs, optimize
+from pipeline.optimize import LoopSettings, grey_noise, layer_outputs, optimize
+from pipeline.models.transformer_net import gram_matrix as gram
 from pipeline.stages.classify import ClassifyStage
 
 AUTO_LAYERS = {
@@ -32,13 +33,6 @@ AUTO_LAYERS = {
     "small_cnn": ("features.0", "features.2", "features.4", "features.6"),
 }
 EXTRA_COLUMNS = {schema.TEXTURE_LOSS_START: schema.SYNTH_METRIC_TYPE, schema.TEXTURE_LOSS_END: schema.SYNTH_METRIC_TYPE}
-
-
-def gram(features: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, C) divided by C * H * W."""
-    n, c, h, w = features.shape
-    flat = features.reshape(n, c, h * w)
-    return flat @ flat.transpose(1, 2) / (c * h * w)
 
 
 def read_texture(path: str, max_side: int | None = None) -> np.ndarray:
@@ -116,13 +110,14 @@ class TextureSynthesiser:
 
     def generate(self, indices: list[int], seeds: list[int]) -> list[tuple[np.ndarray, None, dict]]:
         size = self.settings.size
-        start = torch.stack([
-            (0.5 + 0.1 * torch.randn(3, size, size, generator=torch.Generator().manual_seed(s))).clamp(0, 1) for s in seeds
-        ]).to(self.device)
+        start = grey_noise(seeds, (3, size, size)).to(self.device)
         result = optimize(start, self.loss, self.loop, seeds=seeds)
-        pixels = torch.round(result.images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        written = torch.round(result.images * 255) / 255  # the 8-bit image the dataset holds
+        with torch.no_grad():
+            end = self.loss(written)
+        pixels = (written * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [
-            (pixels[k], None, {schema.TEXTURE_LOSS_START: float(result.first_loss[k]), schema.TEXTURE_LOSS_END: float(result.last_loss[k])})
+            (pixels[k], None, {schema.TEXTURE_LOSS_START: float(result.first_loss[k]), schema.TEXTURE_LOSS_END: float(end[k])})
             for k in range(len(indices))
         ]
 

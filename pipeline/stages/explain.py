@@ -17,7 +17,8 @@ The methods:
 * ``smoothgrad`` (Smilkov et al. 2017): the same averaged over ``samples`` noisy copies of the
   input (Gaussian, std ``noise`` x the input's value range);
 * ``guided_backprop`` (Springenberg et al. 2015): gradients with ReLUs passing only positive
-  gradients backwards; |.|, max over channels;
+  gradients backwards; |.|, max over channels. captum guides ``nn.ReLU`` modules only: in a
+  torchvision detector the backbone's, not the heads' functional ReLUs;
 * ``occlusion`` (Zeiler & Fergus 2014): the class score's drop when a ``patch`` x ``patch`` square
   (all channels, set to 0 = the dataset mean after normalisation, i.e. grey) slides over the input
   with ``stride``; each pixel gets the mean drop of the patches covering it, every pixel covered
@@ -31,8 +32,8 @@ The methods:
   gradient, position by position, summed over channels, ReLU. Grad-CAM's mean weights every
   position alike, which is right for one object per image but not for one box among several: a
   detection's score reads the features inside its box only, and Grad-CAM lights up every object
-  whose features look alike (measured: pointing game 0.29 against HiResCAM's 0.92 on the shipped
-  detector's boxes, same layer; see jobs/README.md). When the layer is followed by global average
+  whose features look alike (measured: pointing game 0.27 against HiResCAM's 0.89 on the shipped
+  detector's boxes, same layers; see jobs/README.md). When the layer is followed by global average
   pooling and a linear layer (ResNet, ``small_cnn``), the gradient is the same at every position
   and the two are equal.
 
@@ -117,6 +118,8 @@ class ExplainSpec(StageSpec):
     def _patch_covers(self) -> "ExplainSpec":
         if self.stride > self.patch:  # pixels between two patches would never be occluded
             raise ValueError(f"stride {self.stride} is larger than patch {self.patch}: occlusion would skip pixels")
+        if self.patch % self.stride:  # else pixels are covered by different numbers of patches
+            raise ValueError(f"patch {self.patch} is not a multiple of stride {self.stride}: pixels would be covered unevenly")
         return self
 
     @classmethod
@@ -269,7 +272,7 @@ class Framed(torch.nn.Module):
         return self.inner(x[..., m : x.shape[-2] - m, m : x.shape[-1] - m])
 
 
-def occlusion(forward, x: torch.Tensor, *, patch: int, stride: int, fill: torch.Tensor, target) -> torch.Tensor:
+def occlusion(forward, x: torch.Tensor, *, patch: int, stride: int, fill: torch.Tensor, target, per_call: int = OCCLUSION_BATCH) -> torch.Tensor:
     """captum's Occlusion: (N, 3, H, W) -> (N, H, W) mean score drop of the windows covering each
     pixel, the window filled with ``fill`` (3,); with ``target=None`` and one image whose forward gives
     K outputs (a detector's boxes): (K, H, W), one sweep for all of them.
@@ -278,7 +281,8 @@ def occlusion(forward, x: torch.Tensor, *, patch: int, stride: int, fill: torch.
     one inside, and its mean drop is not averaged down like the others': maps peaked at the border beside
     objects that touch it (pointing game 0.67 on the shipped detector's boxes). So the sweep runs over
     the input framed by ``patch - stride`` pixels that the forward pass cuts off again: every pixel is
-    covered by as many windows as any other, some of them partly off the image.
+    covered by as many windows as any other, some of them partly off the image (``patch`` a multiple
+    of ``stride``, which the spec checks). ``per_call``: occluded copies per model call.
     """
     from captum.attr import Occlusion
 
@@ -287,7 +291,7 @@ def occlusion(forward, x: torch.Tensor, *, patch: int, stride: int, fill: torch.
     baseline = fill.to(x).view(1, 3, 1, 1).expand_as(framed).contiguous()
     drop = Occlusion(Framed(forward, margin)).attribute(
         framed, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride), baselines=baseline,
-        target=target, perturbations_per_eval=OCCLUSION_BATCH,
+        target=target, perturbations_per_eval=per_call,
     )
     drop = drop.reshape(-1, *framed.shape[1:]).mean(dim=1)
     return drop[:, margin : margin + x.shape[-2], margin : margin + x.shape[-1]]
@@ -316,27 +320,46 @@ def layer_cam(method: str, forward, layer: torch.nn.Module, inputs: torch.Tensor
     return torch.relu(LayerGradientXActivation(forward, layer).attribute(inputs, target=target).sum(dim=1))
 
 
-def gradcam_layer(model: torch.nn.Module, crop: int, device: torch.device) -> str:
-    """The last module the forward pass leaves with a 4-D output of more than 1 x 1 (called once)."""
+def spatial_modules(model: torch.nn.Module, size: int, device: torch.device) -> list[tuple[str, tuple[int, int]]]:
+    """(name, output (h, w)) of the modules that run once in a forward pass of a ``size`` px image and
+    leave a 4-D output of more than 1 x 1, in the order they ran (one dry run)."""
     order, calls = [], {}
     names = {module: name for name, module in model.named_modules() if name}
 
     def hook(module, _inputs, output):
         calls[module] = calls.get(module, 0) + 1
         if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] > 1 and output.shape[-2] > 1:
-            order.append(module)
+            order.append((module, tuple(output.shape[-2:])))
 
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 3, crop, crop, device=device))
+            model(torch.zeros(1, 3, size, size, device=device))
     finally:
         for h in handles:
             h.remove()
-    candidates = [m for m in order if calls[m] == 1]
-    if not candidates:
-        raise ValueError("gradcam needs a layer with a spatial output (a convolutional network); set layer: MODULE_NAME")
-    return names[candidates[-1]]
+    found = [(names[m], hw) for m, hw in order if calls[m] == 1]
+    if not found:
+        raise ValueError("a CAM needs a layer with a spatial output (a convolutional network); set layer: MODULE_NAME")
+    return found
+
+
+def gradcam_layer(model: torch.nn.Module, crop: int, device: torch.device) -> str:
+    """The last module the forward pass leaves with a 4-D output of more than 1 x 1 (called once)."""
+    return spatial_modules(model, crop, device)[-1][0]
+
+
+def pyramid_layers(backbone: torch.nn.Module, size: int, device: torch.device) -> list[str]:
+    """Per output resolution of a detector's backbone, the last module that produced it: the feature
+    pyramid's levels (FPN's layer blocks, RetinaNet's p6/p7), finest first."""
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, size, size, device=device))
+    levels = {tuple(v.shape[-2:]) for v in (out.values() if isinstance(out, dict) else [out])}  # what the heads read
+    last: dict[tuple[int, int], str] = {}
+    for name, hw in spatial_modules(backbone, size, device):
+        if hw in levels:
+            last[hw] = name
+    return [last[hw] for hw in sorted(last, key=lambda hw: -hw[0] * hw[1])]
 
 
 def to_image(attribution: np.ndarray, size: tuple[int, int], transform) -> np.ndarray:

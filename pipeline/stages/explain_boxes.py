@@ -13,10 +13,14 @@ IoU >= :data:`MATCH_IOU`, the highest IoU; 0 when none does. So:
   every box of the image (captum's ablation takes a forward function with several outputs per
   example), so a row of K boxes costs one pass per patch position, not K. Patches may hang over
   the image's edge, so that every pixel is covered as often (:func:`pipeline.stages.explain.occlusion`);
-* Grad-CAM's and HiResCAM's layer (``auto``: the backbone's last module with a spatial output, the finest FPN
-  level for torchvision's FPN backbones) sees the model's resized and zero-padded batch: its map is
-  upsampled to that padded tensor, cropped to where the image lies in it (the transform's
-  ``image_sizes``), then resized to the image.
+* Grad-CAM and HiResCAM: a box is pooled from one level of the feature pyramid, chosen by its size
+  (torchvision's ``LevelMapper``), so its score has a gradient on that level only. ``layer: auto``
+  takes every level (per output resolution of the backbone, the last module that produced it: FPN's
+  layer blocks; RetinaNet's p6/p7 too) and sums the levels' maps, each computed as the method says;
+  the level the box came from is the one that is not zero. captum's ``LayerGradCam`` takes one
+  layer, so the levels are done here, in one backward pass. Each map lives on the model's resized
+  and zero-padded batch: upsampled to that padded tensor, cropped to where the image lies in it
+  (the transform's ``image_sizes``), then resized to the image. ``layer: NAME`` takes one module.
 
 Only predictions with a score >= ``min_score`` are explained (one backward pass or occlusion sweep
 each is not free); the others, and those that no longer match when the stage runs the detector
@@ -40,7 +44,7 @@ from torchvision.ops import box_iou
 
 from pipeline.stages.common import batch_images, parse_boxes, parse_labels
 from pipeline.stages.detect import DetectStage
-from pipeline.stages.explain import CAM_METHODS, encode_map, gradcam_layer, layer_cam, occlusion, smoothgrad
+from pipeline.stages.explain import CAM_METHODS, encode_map, occlusion, pyramid_layers, smoothgrad
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +115,16 @@ class BoxExplainer:
         self.min_score, self.num_classes = min_score, num_classes
         self.boxes_column, self.labels_column, self.scores_column = boxes_column, labels_column, scores_column
         self.unmatched = 0  # predictions that no longer matched, over the stage's life (logged per batch)
-        self.layer_name, self.layer = None, None
+        self.layer_names: list[str] = []
         if method in CAM_METHODS:
             size = -(-int(max(self.detector.transform.min_size)) // 32) * 32
-            self.layer_name = "backbone." + gradcam_layer(self.detector.backbone, size, device) if layer == "auto" else layer
-            self.layer = dict(self.detector.named_modules()).get(self.layer_name)
-            if self.layer is None:
-                raise ValueError(f"layer {layer!r} is not a module of the detector (e.g. backbone.fpn.layer_blocks.0)")
+            found = pyramid_layers(self.detector.backbone, size, device) if layer == "auto" else None
+            self.layer_names = ["backbone." + name for name in found] if found else [layer]
+            modules = dict(self.detector.named_modules())
+            missing = [name for name in self.layer_names if name not in modules]
+            if missing:
+                raise ValueError(f"layer {missing[0]!r} is not a module of the detector (e.g. backbone.fpn.layer_blocks.0)")
+        self.layers = [dict(self.detector.named_modules())[name] for name in self.layer_names]
 
     def explain(self, batch) -> tuple[list[list[bytes]], list[list[float | None]], list[list[bool | None]]]:
         images = batch_images(batch)
@@ -129,7 +136,9 @@ class BoxExplainer:
         for image, box_cell, label_cell, score_cell in zip(images, all_boxes, all_labels, all_scores):
             boxes = parse_boxes(box_cell, self.boxes_column)
             labels = parse_labels(label_cell, self.labels_column, len(boxes), self.num_classes)
-            scores = np.asarray(score_cell if score_cell is not None else [], np.float32)
+            if score_cell is None:
+                raise ValueError(f"{self.scores_column}: null for this row (the stage that writes it did not produce it)")
+            scores = np.asarray(score_cell, np.float32)
             if len(scores) != len(boxes):
                 raise ValueError(f"{self.scores_column}: {len(scores)} scores for {len(boxes)} boxes")
             row_maps: list[bytes] = [b""] * len(boxes)
@@ -181,15 +190,17 @@ class BoxExplainer:
                            stdevs=self.noise)  # images are in [0, 1]: the noise's std is a fraction of the range
         elif self.method == "guided_backprop":
             a = GuidedBackprop(self.scores).attribute(copies, target=targets).abs().amax(dim=1)
-        else:  # gradcam, hirescam
-            a = self.cam_to_image(layer_cam(self.method, self.scores, self.layer, copies, targets), tuple(x.shape[-2:]))
+        else:  # gradcam, hirescam: the pyramid's levels, summed
+            cams = pyramid_cams(self.method, self.scores, self.layers, copies, targets)
+            a = sum(self.cam_to_image(cam, tuple(x.shape[-2:])) for cam in cams)
         return a.detach().float().cpu().numpy()
 
     def occlusion(self, x: torch.Tensor) -> np.ndarray:
         """Score drop of every target box under a sliding patch of the detector's mean colour (grey),
         one sweep for all of them -> (K, H, W)."""
         fill = torch.tensor(self.detector.transform.image_mean)
-        drop = occlusion(self.scores, x[None], patch=self.patch, stride=self.stride, fill=fill, target=None)
+        drop = occlusion(self.scores, x[None], patch=self.patch, stride=self.stride, fill=fill, target=None,
+                         per_call=COPIES_PER_CALL)  # full-size detector inputs: fewer per call than a classifier's crops
         return drop.float().cpu().numpy()
 
     def cam_to_image(self, cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -198,6 +209,28 @@ class BoxExplainer:
         on_input = F.interpolate(cam[:, None], size=(padded_h, padded_w), mode="bilinear", align_corners=False)
         on_image = on_input[:, :, :resized_h, :resized_w]
         return F.interpolate(on_image, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def pyramid_cams(method: str, forward: nn.Module, layers: list[nn.Module], inputs: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
+    """Grad-CAM (weights: the gradient's mean per channel) or HiResCAM (the gradient itself) of
+    ``forward``'s outputs ``targets`` (one per input row) on each of ``layers`` -> per layer (N, h, w), >= 0.
+    One forward and one backward pass for all layers; a layer the score does not reach gives zeros."""
+    kept: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, k=k: kept.__setitem__(k, out)) for k, m in enumerate(layers)]
+    try:
+        scores = forward(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    chosen = scores.gather(1, torch.as_tensor(targets, device=scores.device)[:, None]).sum()
+    activations = [kept[k] for k in range(len(layers))]
+    grads = torch.autograd.grad(chosen, activations, allow_unused=True)
+    cams = []
+    for a, g in zip(activations, grads):
+        g = torch.zeros_like(a) if g is None else g
+        weights = g.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else g
+        cams.append(torch.relu((weights * a).sum(dim=1)).detach())
+    return cams
 
 
 def box_statistics(attribution: np.ndarray, box: np.ndarray) -> tuple[float, bool]:

@@ -51,7 +51,7 @@ from PIL import Image
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from pipeline import schema
-from pipeline.optimize import LoopSettings, layer_outputs, optimize
+from pipeline.optimize import LoopSettings, grey_noise, layer_outputs, optimize
 from pipeline.models.registry import check_layers
 from pipeline.models.weights import resolve_weights
 from pipeline.stages.classify import DEFAULT_NUM_CLASSES, ClassifierKeys, ClassifyStage
@@ -107,6 +107,14 @@ class SynthesizeSpec(ClassifierKeys):
     @classmethod
     def _auto(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @model_validator(mode="after")
+    def _grey_levels(self) -> "SynthesizeSpec":
+        if self.method == "fool":  # the fooled image is 8-bit: less than a grey level cannot move it
+            for key in ("epsilon", "step_size"):
+                if getattr(self, key) < 1 / 255 - 1e-9:
+                    raise ValueError(f"{key} {getattr(self, key)}: less than one grey level (1/255) cannot change an 8-bit image")
+        return self
 
     @model_validator(mode="after")
     def _layer_for_features(self) -> "SynthesizeSpec":
@@ -274,9 +282,7 @@ class SynthesizeStage:
         with torch.no_grad():
             target = self.features(seen)
             norm = target.flatten(1).pow(2).sum(dim=1).clamp_min(1e-12)
-        start = torch.stack([
-            (0.5 + 0.05 * torch.randn(seen.shape[1:], generator=torch.Generator().manual_seed(int(i)))).clamp(0, 1) for i in ids
-        ]).to(self.device)
+        start = grey_noise(ids, tuple(seen.shape[1:]), std=0.05).to(self.device)
 
         def objective(x: torch.Tensor) -> torch.Tensor:
             return (self.features(x) - target).flatten(1).pow(2).sum(dim=1) / norm

@@ -23,9 +23,9 @@ from pipeline.stages.explain import ExplainStage, to_image
 from tests.conftest import REPO
 
 WEIGHTS = str(REPO / "conf" / "models" / "small_cnn_shapes.pth")  # the shipped classifier (held-out top-1 1.0)
-METHODS = ["saliency", "smoothgrad", "guided_backprop", "occlusion", "gradcam"]
+METHODS = ["saliency", "smoothgrad", "guided_backprop", "occlusion", "gradcam", "hirescam"]
 FAST = {"stride": 8, "samples": 6}
-THRESHOLD = {"saliency": 0.6, "smoothgrad": 0.6, "guided_backprop": 0.85, "occlusion": 0.8, "gradcam": 0.85}  # occlusion: 7 x 7 patch positions on the 64 px input; smoothgrad: 6 copies
+THRESHOLD = {"saliency": 0.6, "smoothgrad": 0.6, "guided_backprop": 0.85, "occlusion": 0.8, "gradcam": 0.85, "hirescam": 0.85}  # occlusion: 7 x 7 patch positions on the 64 px input; smoothgrad: 6 copies
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_maps_point_at_the_shape(held_out, method):
 
     A random point lands in the box about as often as the box's share of the image (~0.2 here).
     On all 200 held-out images (jobs/explain_classify_shapes.yaml's settings, occlusion stride 4): saliency
-    0.675, smoothgrad 0.785, guided backprop 0.985, occlusion 0.925, Grad-CAM 0.995; on these 32
-    (occlusion stride 8, smoothgrad 6 copies) 0.78, 0.75, 1.0, 0.94, 1.0. Inference is deterministic,
+    0.675, smoothgrad 0.750, guided backprop 0.985, occlusion 0.985, Grad-CAM 0.995; on these 32
+    (occlusion stride 8, smoothgrad 6 copies) 0.78, 0.72, 1.0, 0.97, 1.0, HiResCAM 1.0. Inference is deterministic,
     so the thresholds, under those, fail on a regression, not on noise."""
     batch, boxes = held_out
     out = ExplainStage(method=method, model="small_cnn", weights=WEIGHTS, **FAST)(batch)
@@ -102,7 +102,7 @@ def test_maps_point_at_the_shape(held_out, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_maps_depend_on_the_trained_weights(held_out, method):
     """Adebayo et al.: re-initialise every conv and linear layer; the maps over the model's input must change
-    (mean Spearman rank correlation < 0.5; measured 0.19 / 0.28 / 0.30 / -0.09 / -0.07 in METHODS order)."""
+    (mean Spearman rank correlation < 0.5; measured 0.19 / 0.23 / 0.29 / -0.05 / -0.07 / -0.07 in METHODS order)."""
     batch, _ = held_out
     images = batch_images(batch.slice(0, 12))
     stage = ExplainStage(method=method, model="small_cnn", weights=WEIGHTS, **FAST)

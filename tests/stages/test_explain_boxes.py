@@ -77,8 +77,8 @@ def test_the_score_explained_is_the_matching_detection(detected):
 
 def test_saliency_and_the_cams_are_their_definitions(detected):
     """Against autograd by hand on the first image's explained boxes: |d score / d pixel| max over channels;
-    Grad-CAM ReLU(sum_k mean(dS/dA_k) A_k) and HiResCAM ReLU(sum_k dS/dA_k * A_k) on the finest FPN
-    level, upsampled to the padded input, cropped to the resized image, resized to the image."""
+    Grad-CAM ReLU(sum_k mean(dS/dA_k) A_k) and HiResCAM ReLU(sum_k dS/dA_k * A_k) on each level of the
+    feature pyramid, upsampled to the padded input, cropped to the resized image, resized to the image, summed."""
     one = detected.slice(0, 1)
     row = one.to_pylist()[0]
     keep = [k for k, s in enumerate(row[schema.SCORES]) if s >= 0.5]
@@ -89,24 +89,41 @@ def test_saliency_and_the_cams_are_their_definitions(detected):
         x = explainer.to_tensors(batch_images(one))[0]
         explainer.scores.boxes, explainer.scores.labels = boxes, labels
         got = explainer.attribute(x)
+        if method != "saliency":  # the four FPN levels the RoI heads pool from (featmap names 0..3)
+            assert explainer.layer_names == [f"backbone.fpn.layer_blocks.{i}" for i in range(4)]
         for k in range(len(keep)):
             explainer.scores.boxes, explainer.scores.labels = boxes[k : k + 1], labels[k : k + 1]
             image = x[None].clone().requires_grad_(True)
             kept = {}
-            handle = explainer.layer.register_forward_hook(lambda m, i, out: kept.update(a=out)) if explainer.layer else None
+            handles = [m.register_forward_hook(lambda _m, _i, out, i=i: kept.__setitem__(i, out)) for i, m in enumerate(explainer.layers)]
             score = explainer.scores(image)[0, 0]
-            if handle:
-                handle.remove()
+            for h in handles:
+                h.remove()
             if method == "saliency":
                 expected = torch.autograd.grad(score, image)[0].abs().amax(1)[0]
             else:
-                assert explainer.layer_name == "backbone.fpn.layer_blocks.0"  # the finest FPN level (stride 4)
-                grads = torch.autograd.grad(score, kept["a"])[0]
-                weights = grads.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grads
-                cam = torch.relu((weights * kept["a"]).sum(1))
-                expected = explainer.cam_to_image(cam, tuple(x.shape[-2:]))[0]
+                levels = [kept[i] for i in range(len(explainer.layers))]
+                grads = torch.autograd.grad(score, levels, allow_unused=True)
+                expected = 0
+                for a, g in zip(levels, grads):
+                    g = torch.zeros_like(a) if g is None else g
+                    weights = g.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else g
+                    expected = expected + explainer.cam_to_image(torch.relu((weights * a).sum(1)), tuple(x.shape[-2:]))[0]
             np.testing.assert_allclose(got[k], expected.detach().numpy(), rtol=1e-4, atol=1e-6 * float(expected.detach().abs().max()))
         explainer.scores.boxes, explainer.scores.labels = boxes, labels
+
+
+def test_cams_come_back_from_the_padded_batch_onto_the_image():
+    """A hot cell on the layer grid of a 96 x 128 padded batch holding a 80 x 120 image lands where that
+    part of the input is, in the image's own pixels (here the image is 40 x 60: scale 1/2)."""
+    explainer = ExplainStage(method="hirescam", model="small_maskrcnn", weights=WEIGHTS).boxes
+    explainer.scores.frame = ((96, 128), (80, 120))  # padded batch (h, w), the image's place in it (h, w)
+    cam = torch.zeros(1, 24, 32)  # stride 4
+    cam[0, 10, 15] = 1.0  # input rows 40..44, columns 60..64 -> image rows 20..22, columns 30..32
+    image = explainer.cam_to_image(cam, (40, 60))[0].numpy()
+    row, col = np.unravel_index(np.argmax(image), image.shape)
+    assert (row, col) in {(r, c) for r in (20, 21, 22) for c in (30, 31, 32)}
+    assert image[:, 45:].max() < 0.05 * image.max() and image[32:].max() < 0.05 * image.max()
 
 
 @pytest.mark.parametrize("method", sorted(THRESHOLD))
