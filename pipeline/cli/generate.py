@@ -11,7 +11,10 @@ from pipeline.cli.common import print_table, user_errors
 
 @click.group()
 def generate() -> None:
-    """Make new images datasets: class visualisations, textures."""
+    """Make new datasets: generative samples, class visualisations, textures.
+
+    Each command spreads its images over Ray actors and records a seed per image.
+    """
 
 
 def on_ray(fn):
@@ -101,3 +104,19 @@ def texture(texture_image, images, model, weights, layers, size, max_side, steps
     settings = settings_or_usage(lambda: TextureSynthesis(texture=texture_image, model=model, weights=weights, layers=chosen,
                                                           size=size, max_side=max_side, steps=steps, lr=lr))
     run_generator(settings, images=images, prefix="texture", categories=[], **ray_options)
+
+
+@generate.command("samples")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.IntRange(min=1), help="Samples to make.")
+@on_ray
+@user_errors
+def samples(model, images, **ray_options) -> None:
+    """Samples of the generative model MODEL (a checkpoint pipeline train wrote: conv_vae, pixelcnn, dcgan).
+
+    The PixelCNN draws its images sub-pixel by sub-pixel: 3 x size x size forward passes per shard.
+    """
+    from pipeline.generate.samples import Sampling
+
+    settings = settings_or_usage(lambda: Sampling(model))
+    run_generator(settings, images=images, prefix=f"samples-{settings.model_name()}", categories=[], **ray_options)

@@ -5,5 +5,7 @@
   as they finish; ``dataset.json`` records the provenance (method, network, weights file and its
   sha256, settings) and every row its ``seed``: any image can be made again.
 * :mod:`pipeline.generate.class_visualisation`: images a classifier scores as a class
-  (gradient ascent from noise, Simonyan et al.; Yosinski et al.'s regularisers).
+  (gradient ascent from noise, Simonyan et al.; Yosinski et al.'s regularisers);
+* :mod:`pipeline.generate.texture`: images with a picture's texture (Gatys et al.);
+* :mod:`pipeline.generate.samples`: samples of a trained generative model (VAE, PixelCNN, DCGAN).
 """

@@ -22,6 +22,9 @@ from torch import nn
 from pipeline.models.small_rcnn import small_maskrcnn
 from pipeline.models.small_cnn import small_cnn
 from pipeline.models.small_unet import small_unet
+from pipeline.models.pixelcnn import pixelcnn
+from pipeline.models.vae import conv_vae
+from pipeline.models.dcgan import dcgan
 from pipeline.models.weights import ResolvedWeights, WeightsError, load_checkpoint, torchvision_loads_safely
 
 
@@ -30,7 +33,7 @@ class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]  # builder(weights=, weights_backbone=, num_classes=, **kwargs)
     task: str  # "detect" (boxes), "masks" (boxes + masks), "keypoints" (boxes + keypoints), "semantic" (a label per pixel),
-    # "classify" (one set of class scores per image)
+    # "classify" (one set of class scores per image), "generative" (images: pipeline generate samples)
     score_kwarg: str
     max_dets_kwarg: str
 
@@ -172,6 +175,9 @@ _register_torchvision_semantic()
 register(ModelEntry("small_unet", small_unet, "semantic", "", ""))
 _register_torchvision_classify()
 register(ModelEntry("small_cnn", small_cnn, "classify", "", ""))
+register(ModelEntry("pixelcnn", pixelcnn, "generative", "", ""))
+register(ModelEntry("conv_vae", conv_vae, "generative", "", ""))
+register(ModelEntry("dcgan", dcgan, "generative", "", ""))
 
 
 def build_model(
@@ -246,3 +252,17 @@ def check_layers(name: str, layers: Sequence[str], *, num_classes: int | None = 
     unknown = [layer for layer in layers if layer not in modules]
     if unknown:
         raise ValueError(f"layer {', '.join(repr(u) for u in unknown)} is not a module of {name}; its layers: {', '.join(modules)}")
+    calls = dict.fromkeys(layers, 0)  # a module that runs twice per pass (a ResNet block's relu) has no one output
+    named = dict(network.named_modules())
+    handles = [named[layer].register_forward_hook(lambda *_args, layer=layer: calls.__setitem__(layer, calls[layer] + 1)) for layer in layers]
+    try:
+        with torch.device("meta"):
+            network(torch.zeros(1, 3, 64, 64))
+    except Exception:  # noqa: BLE001 - a network that cannot run on the meta device: the names were checked
+        return
+    finally:
+        for h in handles:
+            h.remove()
+    twice = [layer for layer, n in calls.items() if n > 1]
+    if twice:
+        raise ValueError(f"layer {twice[0]!r} of {name} runs {calls[twice[0]]} times per forward pass: choose a module that runs once")

@@ -27,9 +27,10 @@ import time
 import numpy as np
 import torch
 
-from pipeline.models.registry import check_state_dict, get_entry
+from pipeline.models.registry import accepted_kwargs, check_state_dict, get_entry
 from pipeline.models.weights import load_checkpoint
 from pipeline.train.classifier_objective import ClassifierObjective
+from pipeline.train.generative_objective import GenerativeObjective
 from pipeline.train.semantic_objective import SemanticObjective
 from pipeline.train.train_spec import TrainSpec
 from pipeline.train.targets import DetectionObjective
@@ -52,6 +53,8 @@ def say(message: str) -> None:
 
 def build_kwargs(spec: TrainSpec) -> dict:
     """The builder's arguments besides weights and classes; checkpoints carry them for the stages."""
+    if spec.kind == "generative" and "size" in accepted_kwargs(spec.model):  # the VAE's linear layers fix its size
+        return {"size": spec.image_size, **spec.model_kwargs}
     if spec.kind != "detector":  # no resize inside the model
         return dict(spec.model_kwargs)
     return {"min_size": spec.min_size, "max_size": spec.max_size, **spec.model_kwargs}
@@ -83,8 +86,9 @@ def checkpoint_payload(spec: TrainSpec, model: torch.nn.Module, categories: list
 
 
 def num_classes(categories: list[dict]) -> int:
-    """The model's outputs: labels run 1..K after background 0 (detectors, semantic) or 0..K-1 (classifiers)."""
-    return max(c["label"] for c in categories) + 1
+    """The model's outputs: labels run 1..K after background 0 (detectors, semantic) or 0..K-1 (classifiers);
+    0 without categories (a generative model learns images, not classes)."""
+    return max((c["label"] for c in categories), default=-1) + 1
 
 
 def stage_sizes(spec: TrainSpec) -> dict:
@@ -93,6 +97,8 @@ def stage_sizes(spec: TrainSpec) -> dict:
         return {"resize": None}  # native resolution
     if spec.kind == "classifier":
         return {"resize": spec.classifier_resize, "crop": spec.crop_size}
+    if spec.kind == "generative":
+        return {"image_size": spec.image_size}  # pipeline generate samples makes images of this side
     return {}  # detectors resize inside the model (min_size/max_size in build_kwargs)
 
 
@@ -101,6 +107,8 @@ def make_objective(spec: TrainSpec, model: torch.nn.Module, config: dict, rank: 
     label_of = {c["id"]: c["label"] for c in config["categories"]}
     if spec.kind == "semantic":
         return SemanticObjective(label_of, crop=spec.crop_size, hflip=spec.hflip, weights=config.get("class_weights"), seed=spec.seed * 1000 + rank)
+    if spec.kind == "generative":
+        return GenerativeObjective(image_size=spec.image_size, seed=spec.seed * 1000 + rank)
     if spec.kind == "classifier":
         return ClassifierObjective(label_of, resize=spec.classifier_resize, crop=spec.crop_size, hflip=spec.hflip, seed=spec.seed * 1000 + rank)
     task = get_entry(spec.model).task
@@ -134,7 +142,7 @@ def train_loop(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt_spec = spec.optimizer
     if opt_spec.name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=opt_spec.lr, betas=(opt_spec.beta1, 0.999), weight_decay=opt_spec.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=opt_spec.lr, momentum=opt_spec.momentum, weight_decay=opt_spec.weight_decay)
 

@@ -4,7 +4,8 @@ One spec trains the three kinds of model the stages run (:attr:`TrainSpec.kind`)
 (``detect``/``masks``/``keypoints`` stages; images resized by the model to ``min_size``/``max_size``),
 semantic segmentation models (``segment`` stage; random ``crop_size`` crops at native resolution,
 class-weighted cross-entropy) and classifiers (``classify`` stage; shorter side resized to
-``resize_size``, random ``crop_size`` crops, cross-entropy against the image's ``label``). Keys
+``resize_size``, random ``crop_size`` crops, cross-entropy against the image's ``label``), and
+generative models (``pipeline generate samples``; ``image_size`` squares, bits per dimension). Keys
 that only some kinds use are refused for the others, naming the key.
 """
 
@@ -17,13 +18,13 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 from pipeline.config.spec import Strict
 from pipeline.models.registry import get_entry
 
-Kind = Literal["detector", "semantic", "classifier"]
+Kind = Literal["detector", "semantic", "classifier", "generative"]
 KEYS_OF: dict[str, tuple[str, ...]] = {  # keys only some kinds use -> those kinds
     "min_size": ("detector",), "max_size": ("detector",),
     "crop_size": ("semantic", "classifier"), "hflip": ("semantic", "classifier"),
-    "class_weights": ("semantic",), "resize_size": ("classifier",),
+    "class_weights": ("semantic",), "resize_size": ("classifier",), "image_size": ("generative",),
 }
-KIND_OF_TASK = {"semantic": "semantic", "classify": "classifier"}  # registry task -> kind; the rest are detectors
+KIND_OF_TASK = {"semantic": "semantic", "classify": "classifier", "generative": "generative"}  # registry task -> kind; the rest are detectors
 
 
 class OptimizerSpec(Strict):
@@ -31,6 +32,7 @@ class OptimizerSpec(Strict):
     lr: PositiveFloat = 2e-3
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, description="sgd only")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adamw only: the first moment's decay (DCGAN: 0.5)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up, then cosine decay to 0")
 
 
@@ -55,6 +57,7 @@ class TrainSpec(Strict):
     resize_size: PositiveInt | None = Field(
         None, description="classifiers: shorter side before the crop (default crop_size * 8 / 7, ImageNet's 256/224)"
     )
+    image_size: PositiveInt = Field(32, description="generative models: the side of the square images they learn and make")
     hflip: bool = Field(True, description="semantic models and classifiers: flip half of the samples left-right")
     class_weights: Literal["sqrt_inverse_frequency", "none"] = Field(
         "sqrt_inverse_frequency", description="semantic models: per-class loss weights from the training set's pixel counts"
@@ -86,7 +89,8 @@ class TrainSpec(Strict):
 
     @property
     def kind(self) -> Kind:
-        """``detector`` (detect/masks/keypoints stages), ``semantic`` (segment) or ``classifier`` (classify)."""
+        """``detector`` (detect/masks/keypoints stages), ``semantic`` (segment), ``classifier`` (classify) or
+        ``generative`` (pipeline generate samples)."""
         return KIND_OF_TASK.get(get_entry(self.model).task, "detector")
 
     @property

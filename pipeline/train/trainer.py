@@ -100,7 +100,7 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
     except DatasetError as exc:
         raise ConfigError(f"{source}: train: {exc}") from exc
     categories = read_meta(spec.train).categories
-    if not categories:
+    if not categories and spec.kind != "generative":  # a generative model learns images, not classes
         raise ConfigError(f"{source}: train: {spec.train} has no categories in dataset.json; nothing to learn to recognise")
     model = _build_on_meta(spec, categories, source)
     num_keypoints = model_keypoints(model) if get_entry(spec.model).task == "keypoints" else 0
@@ -123,6 +123,8 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             if schema.LABEL in names:
                 labels += _check_labels(table, known, shard, source)
             continue
+        if spec.kind == "generative":  # the images are all it learns from
+            continue
         if spec.semantic and schema.LABEL_MAP in names:
             label_maps += table[schema.LABEL_MAP].length() - table[schema.LABEL_MAP].null_count
         if schema.ANNOTATIONS not in names:
@@ -135,7 +137,7 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             f"{source}: train: {spec.train} has no image labels (a non-null {schema.LABEL!r} column) to learn from; "
             "e.g. pipeline data synth OUT --classification"
         )
-    if spec.kind != "classifier" and annotations == 0 and label_maps == 0:
+    if spec.kind in ("detector", "semantic") and annotations == 0 and label_maps == 0:
         what = "annotations or label maps" if spec.semantic else "annotations"
         raise ConfigError(f"{source}: train: {spec.train} has no {what} to learn from")
     if num_keypoints and with_keypoints == 0:
@@ -145,6 +147,8 @@ def preflight(spec: TrainSpec, source: str) -> tuple[list[str], list[dict], int]
             f"{source}: val: keypoint AP uses COCO's OKS sigmas for its {NUM_KEYPOINTS} person keypoints, "
             f"so a model with {num_keypoints} cannot be validated; leave val out"
         )
+    if spec.val and spec.kind == "generative" and not getattr(model, "likelihood", True):
+        raise ConfigError(f"{source}: val: {spec.model} has no likelihood to validate (it is measured by its samples); leave val out")
     if spec.val:
         try:
             list_shards(spec.val)

@@ -22,8 +22,10 @@ from pipeline.engine.preflight import preflight
 from pipeline.engine.runner import execute, metric_types
 from pipeline.eval import evaluate
 from pipeline.eval.iou_types import get_iou_type
-from pipeline.models.registry import get_entry
+from pipeline.models.registry import build_model, get_entry
+from pipeline.models.weights import resolve_weights
 from pipeline.stages import get_stage_spec
+from pipeline.train.generative_objective import validation_bits_per_dim
 from pipeline.train.train_spec import TrainSpec
 
 STAGE_FOR_TASK = {"detect": "detect", "masks": "masks", "keypoints": "keypoints", "semantic": "segment", "classify": "classify"}  # model task -> stage type
@@ -50,7 +52,11 @@ def validation_job(weights: str, spec: TrainSpec, output: str, *, batch_size: in
 
 def validate_checkpoint(weights: str, spec: TrainSpec, *, batch_size: int = 8) -> dict:
     """``{"val_bbox_AP": ..., "val_segm_AP": ...}`` (detectors) or ``{"val_semantic_mIoU": ...}`` of the
-    checkpoint file ``weights`` on ``spec.val``: each type's headline number (its first stat key)."""
+    checkpoint file ``weights`` on ``spec.val``: each type's headline number (its first stat key); for a
+    generative model, ``{"val_bits_per_dim": ...}`` (no stage runs it: its likelihood is computed here)."""
+    if spec.kind == "generative":
+        model, _ = build_model(spec.model, resolve_weights(spec.model, weights))
+        return {"val_bits_per_dim": round(validation_bits_per_dim(model, spec.val, spec.image_size, batch_size=batch_size), 4)}
     with tempfile.TemporaryDirectory() as tmp:
         job = validation_job(weights, spec, os.path.join(tmp, "pred"), batch_size=batch_size)
         plan = preflight(job, "<validation>")
