@@ -199,10 +199,7 @@ class ExplainStage:
         # is the one that predicted, fed the same input.
         self.classifier = ClassifyStage(model=model, weights=weights, num_classes=num_classes, resize=resize, crop=crop,
                                         model_kwargs=model_kwargs, device=device, threads=threads)
-        self.model = self.classifier.model.eval()
-        for module in self.model.modules():  # captum's backward hooks (guided backprop) cannot follow in-place ReLUs
-            if isinstance(module, torch.nn.ReLU):
-                module.inplace = False
+        self.model = out_of_place_relus(self.classifier.model.eval())
         self.device = self.classifier.device
         self.method, self.labels_column = method, labels_column_name(labels_column, boxes=False)
         self.patch, self.stride, self.samples, self.noise = patch, stride, samples, noise
@@ -318,6 +315,15 @@ def layer_cam(method: str, forward, layer: torch.nn.Module, inputs: torch.Tensor
     if method == "gradcam":
         return LayerGradCam(forward, layer).attribute(inputs, target=target, relu_attributions=True)[:, 0]
     return torch.relu(LayerGradientXActivation(forward, layer).attribute(inputs, target=target).sum(dim=1))
+
+
+def out_of_place_relus(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its ReLU modules computing out of place: captum's backward hooks (guided backprop)
+    cannot follow in-place ones."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    return model
 
 
 def spatial_modules(model: torch.nn.Module, size: int, device: torch.device) -> list[tuple[str, tuple[int, int]]]:

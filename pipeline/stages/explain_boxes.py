@@ -44,7 +44,7 @@ from torchvision.ops import box_iou
 
 from pipeline.stages.common import batch_images, parse_boxes, parse_labels
 from pipeline.stages.detect import DetectStage
-from pipeline.stages.explain import CAM_METHODS, encode_map, occlusion, pyramid_layers, smoothgrad
+from pipeline.stages.explain import CAM_METHODS, encode_map, occlusion, out_of_place_relus, pyramid_layers, smoothgrad
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class BoxExplainer:
     def __init__(self, *, detector: nn.Module, to_tensors, method: str, layer: str, patch: int, stride: int,
                  samples: int, noise: float, min_score: float, boxes_column: str, labels_column: str,
                  scores_column: str, num_classes: int, device: torch.device):
-        self.detector = without_mask_heads(detector.eval())
-        for module in self.detector.modules():  # captum's backward hooks (guided backprop) cannot follow in-place ReLUs
-            if isinstance(module, nn.ReLU):
-                module.inplace = False
+        self.detector = out_of_place_relus(without_mask_heads(detector.eval()))
         self.scores = BoxScores(self.detector)
         self.to_tensors, self.device = to_tensors, device
         self.method, self.patch, self.stride, self.samples, self.noise = method, patch, stride, samples, noise

@@ -152,12 +152,12 @@ DEFAULT = SynthesizeSpec.defaults()
 
 
 class SynthesizeStage:
-    """Fooling images of a batch of decoded images (see the module docstring).
+    """Images made by optimisation from a batch of decoded images (see the module docstring).
 
     Example::
 
         stage = SynthesizeStage(model="small_cnn", weights="conf/models/small_cnn_shapes.pth", epsilon=4 / 255)
-        out = stage(batch)  # batch: pixels/width/height; + synthesized (PNG) and FOOL_COLUMNS
+        out = stage(batch)  # batch: pixels/width/height; + synthesized (PNG) and METHOD_COLUMNS["fool"]
     """
 
     def __init__(
@@ -242,7 +242,7 @@ class SynthesizeStage:
         return self.model(torch.stack([self.classifier.transform(p) for p in pixels]))
 
     def fool(self, images: np.ndarray, _ids: list[int]) -> list[dict]:
-        """(N, H, W, 3) uint8 of one size -> per image the PNG and the FOOL_COLUMNS values."""
+        """(N, H, W, 3) uint8 of one size -> per image the PNG and the METHOD_COLUMNS["fool"] values."""
         start = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div(255)
         if self.target == "next":
             target = self.logits_8bit(start).topk(2, dim=1).indices[:, 1]
