@@ -7,7 +7,7 @@ import click
 from pipeline import __version__
 from pipeline.cli.annotate import export_coco_cmd, export_labelstudio_cmd, export_yolo_cmd, import_labelstudio_cmd, merge_cmd
 from pipeline.cli.data import data
-from pipeline.cli.eval import eval_cmd
+from pipeline.cli.eval import eval_cmd, eval_generative_cmd
 from pipeline.cli.generate import generate
 from pipeline.cli.jobs import jobs, submit
 from pipeline.cli.review import review_cmd
@@ -25,6 +25,7 @@ def main() -> None:
 main.add_command(data)
 main.add_command(run)
 main.add_command(eval_cmd)
+main.add_command(eval_generative_cmd)
 main.add_command(train)
 main.add_command(train_style)
 main.add_command(generate)

@@ -1,9 +1,11 @@
-"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall, semantic mIoU, classification accuracy).
+"""``pipeline eval``: evaluation of predictions (COCO metrics, proposal recall, semantic mIoU, classification accuracy);
+``pipeline eval-generative``: sample quality of a generative model's dataset.
 
 Register with::
 
-    from pipeline.cli.eval import eval_cmd
-    main.add_command(eval_cmd)          # pipeline eval
+    from pipeline.cli.eval import eval_cmd, eval_generative_cmd
+    main.add_command(eval_cmd)              # pipeline eval
+    main.add_command(eval_generative_cmd)   # pipeline eval-generative
 
 ``pipeline data export-coco`` lives with the other annotation exports (:mod:`pipeline.cli.annotate`).
 """
@@ -116,3 +118,39 @@ def eval_cmd(pred, gt, iou_types, out_dir, no_state, method, use_ray, as_json) -
 
 
 eval = eval_cmd  # noqa: A001 - the command is called "eval"; this name is what the CLI registers
+
+
+@click.command("eval-generative")
+@click.argument("samples")
+@click.option("--reference", required=True, help="Held-out real images (e.g. pipeline data synth ... --classification).")
+@click.option("--train", help="The training set, for its class shares (default: the reference's labels).")
+@click.option("--classifier", default="conf/models/small_cnn_shapes.pth", show_default=True,
+              help="A project classifier checkpoint that knows the domain; its features give the Frechet distance.")
+@click.option("--out", "out_dir", help="Folder for metrics.json and samples.png (the first 64 samples).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics.json content instead of a table.")
+@user_errors
+def eval_generative_cmd(samples, reference, train, classifier, out_dir, as_json) -> None:
+    """Measure generative samples SAMPLES through a trained classifier.
+
+    Confident share (top class >= 0.9) against the real images', class shares against the training
+    set's, and a Frechet distance in the classifier's feature space with its real-vs-real floor
+    (the FID formula on this classifier: not Inception FID). See pipeline/generate/quality.py.
+    """
+    import os
+
+    from pipeline.generate.quality import evaluate_samples, samples_sheet
+
+    metrics = evaluate_samples(samples, reference, classifier=classifier, train=train)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        samples_sheet(samples).save(os.path.join(out_dir, "samples.png"))
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    rows = [(k, _fmt_value(v) if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, dict)]
+    rows += [(f"{k} {name}", _fmt_value(v)) for k in ("class_histogram", "train_class_histogram") for name, v in metrics[k].items()]
+    print_table(rows, header=("measure", "value"))
+    if out_dir:
+        click.echo(f"metrics: {out_dir.rstrip('/')}/metrics.json  sheet: {out_dir.rstrip('/')}/samples.png")

@@ -109,14 +109,34 @@ def texture(texture_image, images, model, weights, layers, size, max_side, steps
 @generate.command("samples")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--images", required=True, type=click.IntRange(min=1), help="Samples to make.")
+@click.option("--size", type=click.IntRange(min=1), help="Side of the images, px: must be the one the model learned (the default).")
 @on_ray
 @user_errors
-def samples(model, images, **ray_options) -> None:
+def samples(model, images, size, **ray_options) -> None:
     """Samples of the generative model MODEL (a checkpoint pipeline train wrote: conv_vae, pixelcnn, dcgan).
 
     The PixelCNN draws its images sub-pixel by sub-pixel: 3 x size x size forward passes per shard.
     """
     from pipeline.generate.samples import Sampling
 
-    settings = settings_or_usage(lambda: Sampling(model))
+    settings = settings_or_usage(lambda: Sampling(model, size))
     run_generator(settings, images=images, prefix=f"samples-{settings.model_name()}", categories=[], **ray_options)
+
+
+@generate.command("interpolate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Walks, one per row.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=2), help="Images per walk, both ends included.")
+@click.option("--images", help="Walk between the VAE's codes of real images of this dataset (rows 2k, 2k+1), shown at the ends.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the ends drawn from the prior (without --images).")
+@click.option("--out", required=True, help="Folder for interpolation.png and interpolation.json.")
+@user_errors
+def interpolate(model, pairs, steps, images, seed, out) -> None:
+    """Latent walks of a VAE or GAN checkpoint MODEL, as a contact sheet.
+
+    Each row is a straight line between two latent codes, decoded at --steps points.
+    """
+    from pipeline.generate.interpolate import interpolate as walk
+
+    record = settings_or_usage(lambda: walk(model, out, pairs=pairs, steps=steps, seed=seed, images=images))
+    print_table([("pairs", record["pairs"]), ("steps", record["steps"]), ("sheet", f"{out.rstrip('/')}/interpolation.png")])

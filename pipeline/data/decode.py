@@ -108,3 +108,10 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, values)
     return table.append_column(name, values)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """RGB uint8 (H, W, 3) -> PNG bytes (lossless: what was measured on the array is what is stored)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import schema
 from pipeline.data.coco_file import int_id, read_coco_file
+from pipeline.data.decode import encode_png
 from pipeline.data.label_maps import (
     EXTENSION,
     LabelFolder,
@@ -483,3 +484,15 @@ def _label_map(row: dict, found: tuple[Path, LabelScan] | None, categories: list
         return path.read_bytes(), None  # as found, like the image (scanned once already)
     except OSError as exc:
         return None, f"cannot read label map {path}: {exc}"
+
+
+def import_arrays(out: str, images: list, *, prefix: str = "image", rows_per_shard: int = 256, overwrite: bool = False) -> str:
+    """An images dataset from RGB uint8 (H, W, 3) arrays, PNG-encoded (lossless), ids 1..N, no annotations:
+    the reference sets that measurements build (real images made small, noise; see bench/generative.py)."""
+    writer = ShardWriter(out, rows_per_shard, schema.IMAGE_SCHEMA, overwrite=overwrite)
+    for i, pixels in enumerate(images):
+        writer.add({schema.IMAGE_ID: i + 1, schema.FILE_NAME: f"{prefix}-{i:06d}.png", schema.WIDTH: int(pixels.shape[1]),
+                    schema.HEIGHT: int(pixels.shape[0]), schema.IMAGE: encode_png(pixels), schema.ANNOTATIONS: []})
+    writer.flush()
+    write_meta(out, DatasetMeta(info={"description": f"{len(images)} {prefix} images from arrays"}))
+    return out

@@ -7,5 +7,9 @@
 * :mod:`pipeline.generate.class_visualisation`: images a classifier scores as a class
   (gradient ascent from noise, Simonyan et al.; Yosinski et al.'s regularisers);
 * :mod:`pipeline.generate.texture`: images with a picture's texture (Gatys et al.);
-* :mod:`pipeline.generate.samples`: samples of a trained generative model (VAE, PixelCNN, DCGAN).
+* :mod:`pipeline.generate.samples`: samples of a trained generative model (VAE, PixelCNN, DCGAN);
+* :mod:`pipeline.generate.interpolate`: latent walks of a VAE or a GAN, as a contact sheet (in process);
+* :mod:`pipeline.generate.quality`: how good samples are, through a trained classifier (``pipeline
+  eval-generative``; in process);
+* :mod:`pipeline.generate.sheet`: small images on one picture.
 """

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.data.shards import SHARD_PATTERN, DatasetMeta, join, prepare_output, write_meta, write_shard
-from pipeline.stages.synthesize import encode_png
+from pipeline.data.decode import encode_png
 
 MAX_ROWS_PER_SHARD = 64  # rows_per_shard's default cap: shards finish (and are written) often
 GENERATED_SCHEMA = schema.LABEL_IMAGE_SCHEMA.append(pa.field(schema.SEED, schema.SEED_TYPE))

@@ -23,6 +23,7 @@ class Sampling:
     """Settings; calling it (``factory(device=...)``) builds the sampler on an actor."""
 
     checkpoint: str
+    size: int | None = None  # the side asked for; None: the one the model learned (any other is refused)
 
     def __post_init__(self) -> None:
         name = checkpoint_model_name(self.checkpoint)
@@ -31,6 +32,9 @@ class Sampling:
                                "(conv_vae, pixelcnn, dcgan: pipeline train jobs/train_vae_shapes.yaml ...)")
         if not load_checkpoint(self.checkpoint).get("image_size"):
             raise WeightsError(f"{self.checkpoint} does not say which image size its model learned (no 'image_size')")
+        if self.size is not None and self.size != self.image_size():
+            raise ValueError(f"{self.checkpoint}'s {name} learned {self.image_size()} x {self.image_size()} images; "
+                             f"it cannot make {self.size} x {self.size} ones (train one at that image_size)")
 
     def __call__(self, device: str = "cpu") -> "Sampler":
         return Sampler(self.checkpoint, device)

@@ -84,20 +84,34 @@ class PixelCNN(nn.Module):
         target = torch.round(x * (LEVELS - 1)).long()
         return F.cross_entropy(self(x).transpose(1, 2), target, reduction="none").flatten(1).sum(dim=1)  # classes on dim 1
 
+    @property
+    def reach(self) -> int:
+        """Rows above a pixel that its logits depend on: 3 for the 7 x 7 first layer, 1 per gated block."""
+        return self.first.kernel_size[0] // 2 + sum(b.value.kernel_size[0] // 2 + b.out.kernel_size[0] // 2 for b in self.blocks)
+
     @torch.no_grad()
     def sample(self, generators: list[torch.Generator], size: int) -> torch.Tensor:
         """One image per generator (n, 3, size, size) in [0, 1], drawn sub-pixel by sub-pixel; image k's
-        draws come from ``generators[k]`` alone."""
+        draws come from ``generators[k]`` alone.
+
+        Row i's logits depend on rows ``i - reach .. i`` only, so each pass runs on that window (zero
+        padding above it changes rows that row i does not read), and the 1 x 1 head on pixel (i, j) alone: the
+        same draws as passes over the whole image (tested), about ``size / (reach + 1)`` times fewer
+        computations.
+        """
         device = next(self.parameters()).device
         x = torch.zeros(len(generators), 3, size, size, device=device)
+        n = len(generators)
         for i in range(size):
+            top = max(0, i - self.reach)
             for j in range(size):
                 for c in range(3):
-                    probs = torch.softmax(self(x)[:, c, :, i, j], dim=1).cpu()
+                    features = self.blocks(self.first(x[:, :, top : i + 1] * 2 - 1))[:, :, -1:, j : j + 1]
+                    logits = self.head(features).view(n, 3, LEVELS)[:, c]
+                    probs = torch.softmax(logits, dim=1).cpu()
                     values = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
                     x[:, c, i, j] = torch.cat(values).to(device).float() / (LEVELS - 1)
         return x
-
 
 def pixelcnn(*, weights=None, weights_backbone=None, num_classes: int | None = None, channels: int = 96, layers: int = 6) -> PixelCNN:
     """Build the PixelCNN (random init). ``weights`` must be None: load checkpoints by path."""

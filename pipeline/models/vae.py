@@ -16,11 +16,18 @@ dimension are comparable with the PixelCNN's exact ones.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BIN = 1 / 255  # half the width of an 8-bit value's bin in [-1, 1]
+MIN_LOG_SCALE = -7.0  # a logistic scale of 0.0009, a tenth of a bin: sharper adds nothing
+# At most about 10 grey levels: a scale free to grow explains every error by width, and the means get
+# gradients of (x - mean) / (2 s^2) (tiny at s ~ 1): the same VAE, free, was at 7.3 bits/dim after 300
+# steps, capped here at 5.9, its means' squared error 10x lower.
+MAX_LOG_SCALE = -2.5
 
 
 def discretised_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -32,7 +39,11 @@ def discretised_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): all the mass below the bin's top (x = -1)
     log_survival_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)): all the mass above its bottom (x = 1)
     mass = torch.sigmoid(plus) - torch.sigmoid(minus)
-    middle = torch.log(mass.clamp_min(1e-12))
+    # A bin far from the mean has a mass that rounds to 0 and no gradient: there the density at the
+    # bin's centre times its width stands in (PixelCNN++'s fallback), which keeps pulling the mean.
+    centre = inv_scale * centred
+    log_density_times_width = centre - log_scale - 2 * F.softplus(centre) + math.log(2 * BIN)
+    middle = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_density_times_width)
     return torch.where(x < -1 + BIN, log_cdf_plus, torch.where(x > 1 - BIN, log_survival_minus, middle))
 
 
@@ -72,7 +83,7 @@ class ConvVAE(nn.Module):
         s = self.size // 8
         out = self.decoder(self.project(z).view(-1, 128, s, s))
         mean, log_scale = out.chunk(2, dim=1)
-        return torch.tanh(mean), log_scale.clamp(min=-7.0)
+        return torch.tanh(mean), log_scale.clamp(min=MIN_LOG_SCALE, max=MAX_LOG_SCALE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, latent) -> (N, 3, s, s) images in [0, 1] (the logistics' means)."""

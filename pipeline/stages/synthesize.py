@@ -37,7 +37,6 @@ Images are processed in groups of one size (one batch per size), on the stage's 
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -47,10 +46,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from pipeline import schema
+from pipeline.data.decode import encode_png
 from pipeline.optimize import LoopSettings, grey_noise, layer_outputs, optimize
 from pipeline.models.registry import check_layers
 from pipeline.models.weights import resolve_weights
@@ -324,8 +323,3 @@ def to_pixels(image: torch.Tensor) -> np.ndarray:
     return torch.round(image * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """RGB uint8 (H, W, 3) -> PNG bytes (lossless: the pixels the classifier was checked on)."""
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()

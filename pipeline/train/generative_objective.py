@@ -14,6 +14,7 @@ crops, a fixed seed for the VAE's one sample of z.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -24,11 +25,16 @@ from pipeline import schema
 from pipeline.data.decode import decode_image
 from pipeline.data.shards import list_shards, read_shard
 
+CACHE_BYTES = 512 * 2**20  # resized uint8 images kept per training worker (3,000 at 32 px: 12 MB)
 
-def to_square(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> (3, size, size) in [0, 1] on the 8-bit grid: shorter side resized, then a
-    random crop (``rng``) or the center one (None)."""
-    x = TF.resize(torch.from_numpy(np.array(rgb)).permute(2, 0, 1), [size], antialias=True)
+
+def shorter_side_to(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> uint8 (3, H', W') with its shorter side resized to ``size`` (antialiased)."""
+    return TF.resize(torch.from_numpy(np.array(rgb)).permute(2, 0, 1), [size], antialias=True)
+
+
+def square_crop(x: torch.Tensor, size: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """uint8 (3, H', W') -> (3, size, size) in [0, 1] on the 8-bit grid: a random crop (``rng``) or the center one (None)."""
     h, w = x.shape[-2:]
     if rng is None:
         top, left = (h - size) // 2, (w - size) // 2
@@ -37,19 +43,40 @@ def to_square(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> to
     return x[:, top : top + size, left : left + size].float() / 255
 
 
+def to_square(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> (3, size, size) in [0, 1] on the 8-bit grid: shorter side resized, then a
+    random crop (``rng``) or the center one (None)."""
+    return square_crop(shorter_side_to(rgb, size), size, rng)
+
+
 def bits_per_dim(nll: torch.Tensor, size: int) -> torch.Tensor:
     return nll / (3 * size * size * math.log(2))
 
 
 class GenerativeObjective:
-    """``sample(row) -> (3, s, s)``; ``loss(model, samples, device)``: mean bits/dim of the batch."""
+    """``sample(row) -> (3, s, s)``; ``loss(model, samples, device)``: mean bits/dim of the batch.
+
+    Resized images are kept in memory (up to ``CACHE_BYTES`` per worker, keyed by a hash of the encoded
+    bytes) so that later epochs only crop: decoding a 128 px PNG and resizing it took 0.8 ms, as long as
+    half a training step of the VAE at batch 64 on two cores.
+    """
 
     def __init__(self, *, image_size: int, seed: int):
         self.size = image_size
         self.rng = np.random.default_rng(seed)
+        self.cache: dict[bytes, torch.Tensor] = {}
+        self.cached_bytes = 0
 
     def sample(self, row: dict) -> torch.Tensor:
-        return to_square(decode_image(row[schema.IMAGE]), self.size, self.rng)
+        data = row[schema.IMAGE]
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        resized = self.cache.get(key)
+        if resized is None:
+            resized = shorter_side_to(decode_image(data), self.size)
+            if self.cached_bytes + resized.numel() <= CACHE_BYTES:
+                self.cache[key] = resized
+                self.cached_bytes += resized.numel()
+        return square_crop(resized, self.size, self.rng)
 
     def blank(self) -> torch.Tensor:
         """Mid-grey: stands in for a batch in which no row could be read."""
