@@ -11,7 +11,7 @@ noise, so the confident share must be read beside the Frechet distance).
 
     python bench/generative.py --vae demo-output/train_vae_shapes/model.pth \\
         --gan demo-output/train_gan_shapes/model.pth --pixelcnn demo-output/train_pixelcnn_shapes/model.pth \\
-        --sheet docs/generative.jpg                   # 1,000 samples (PixelCNN: 200), ~6 min on 2 cores
+        --sheet docs/generative.jpg                   # 1,000 samples (PixelCNN: 64), ~8 min on 2 cores
     python bench/generative.py --vae V.pth --images 16 --reference-images 40   # a smoke test
 
 ``--sheet``: a contact sheet, one row of 12 per model (real images at the models' size first), then
@@ -38,7 +38,7 @@ PER_ROW = 12  # sheet images per model
 @click.option("--gan", help="a dcgan checkpoint")
 @click.option("--pixelcnn", help="a pixelcnn checkpoint")
 @click.option("--images", default=1000, show_default=True, help="samples per model")
-@click.option("--pixelcnn-images", default=200, show_default=True, help="samples of the PixelCNN (3 x 32 x 32 passes each batch)")
+@click.option("--pixelcnn-images", default=64, show_default=True, help="samples of the PixelCNN (3 x 32 x 32 passes each batch)")
 @click.option("--reference-images", default=1000, show_default=True, help="held-out real images (seed 300)")
 @click.option("--sheet", help="write the contact sheet here (.jpg or .png)")
 @click.option("--json-out", help="also write the rows as JSON")
@@ -74,6 +74,7 @@ def main(vae, gan, pixelcnn, images, pixelcnn_images, reference_images, sheet, j
             rows.append({"model": label, "bits_per_dim": bits, "confident_share": m["confident_share"],
                          "ratio_to_real": m["confident_share_ratio"], "histogram_distance": m["histogram_distance"],
                          "frechet_distance": m["frechet_distance"], "frechet_floor": m["frechet_floor"],
+                         "frechet_count": m["frechet_count"],
                          "samples": count, "images_per_s": count / seconds if seconds else None,
                          "real_confident_share": m["real_confident_share"],
                          "real_confident_share_at_size": m["real_confident_share_at_size"]})
@@ -111,7 +112,7 @@ def main(vae, gan, pixelcnn, images, pixelcnn_images, reference_images, sheet, j
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     keys = ["model", "bits_per_dim", "confident_share", "ratio_to_real", "histogram_distance", "frechet_distance",
-            "frechet_floor", "samples", "images_per_s"]
+            "frechet_floor", "frechet_count", "samples", "images_per_s"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:

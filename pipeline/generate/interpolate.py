@@ -21,7 +21,7 @@ import torch
 
 from pipeline import schema
 from pipeline.config.paths import sha256_of
-from pipeline.data.decode import decode_image
+from pipeline.data.decode import DecodeError, decode_image
 from pipeline.data.shards import DatasetError, list_shards, read_shard
 from pipeline.generate.distribute import image_seed
 from pipeline.generate.samples import Sampler, Sampling
@@ -46,14 +46,14 @@ def real_pairs(dataset: str, pairs: int, size: int) -> tuple[torch.Tensor, list[
     images, ids = [], []
     for shard in list_shards(dataset):
         for row in read_shard(shard, columns=[schema.IMAGE_ID, schema.IMAGE]).to_pylist():
-            if len(images) == 2 * pairs:
-                break
-            if row[schema.IMAGE]:
+            try:
                 images.append(to_square(decode_image(row[schema.IMAGE]), size, None))
-                ids.append(row[schema.IMAGE_ID])
-    if len(images) < 2 * pairs:
-        raise DatasetError(f"{dataset}: {len(images)} readable images, {2 * pairs} needed for {pairs} pairs")
-    return torch.stack(images), ids
+            except DecodeError:
+                continue
+            ids.append(row[schema.IMAGE_ID])
+            if len(images) == 2 * pairs:
+                return torch.stack(images), ids
+    raise DatasetError(f"{dataset}: {len(images)} decodable images, {2 * pairs} needed for {pairs} pairs")
 
 
 @torch.no_grad()

@@ -18,9 +18,10 @@ off its outputs:
   input of its last linear layer: 128 numbers for ``small_cnn``) of the samples and of the real
   images at the samples' size. It is the FID formula in this classifier's feature space, **not
   Inception FID**: its numbers are not comparable with published FIDs. The estimate is biased
-  upwards by finite samples, so it comes with its floor: the reference is split into two halves
-  A and B, the samples (as many as B has) are compared with A, and B with A
-  (``frechet_floor``, real against real).
+  upwards by finite samples, so it comes with its floor: the reference is split into two random
+  halves A and B (a fixed seed), the first ``frechet_count`` samples (at most as many as B has)
+  are compared with A, and as many of B with A (``frechet_floor``, real against real). The bias
+  grows as the count falls: compare distances computed with the same count.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from pipeline import schema
 from pipeline.data.decode import DecodeError, decode_image
 from pipeline.data.shards import DatasetError, list_shards, read_meta, read_shard, shard_schema
 from pipeline.generate.sheet import image_grid
-from pipeline.models.weights import checkpoint_model_name, resolve_weights
+from pipeline.models.registry import get_entry
+from pipeline.models.weights import WeightsError, checkpoint_model_name, resolve_weights
 from pipeline.stages.classify import ClassifyStage
 from pipeline.train.generative_objective import to_square
 
@@ -47,16 +49,20 @@ class ClassifierView:
 
     def __init__(self, checkpoint: str, *, batch_size: int = 128):
         self.stage_model_name = checkpoint_model_name(checkpoint)
+        if get_entry(self.stage_model_name).task != "classify":
+            raise WeightsError(f"{checkpoint} is a {self.stage_model_name} checkpoint, not a classifier's: --classifier takes one "
+                               "(e.g. conf/models/small_cnn_shapes.pth)")
         self.stage = ClassifyStage(model=self.stage_model_name, weights=checkpoint, top_k=1)
         self.stage.model.eval()
         linears = [m for m in self.stage.model.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
-            raise ValueError(f"{checkpoint}: the classifier has no linear layer whose input could serve as features")
+            raise WeightsError(f"{checkpoint}: the classifier has no linear layer whose input could serve as features")
         self.features: list[torch.Tensor] = []
         linears[-1].register_forward_pre_hook(lambda module, args: self.features.append(args[0].detach().flatten(1)))
         self.batch_size = batch_size
         named = resolve_weights(self.stage_model_name, checkpoint).categories()
-        self.names = [c["name"] for c in sorted(named, key=lambda c: c["label"])] if named else None
+        self.name_of_class = {c["label"]: c["name"] for c in named or []}  # class index -> category name
+        self.class_of_name = {name: label for label, name in self.name_of_class.items()}
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,12 +131,11 @@ def evaluate_samples(samples: str, reference: str, *, classifier: str, train: st
     are its category ids, mapped to the classifier's classes by name (ids where names are missing).
     """
     view = ClassifierView(classifier)
-    names = view.names
     fake, real = read_images(samples), read_images(reference)
     if len(real) < 4:
         raise DatasetError(f"{reference}: {len(real)} images; the Frechet floor needs at least 4 (two halves of 2)")
     sizes = {img.shape[:2] for img in fake}
-    if len(sizes) != 1 or len(next(iter(sizes))) != 2 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+    if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
         raise DatasetError(f"{samples}: samples are not squares of one size ({sorted(sizes)[:3]}...)")
     size = next(iter(sizes))[0]
 
@@ -139,16 +144,22 @@ def evaluate_samples(samples: str, reference: str, *, classifier: str, train: st
     p_real_size, f_real_size = view(at_size(real, size))
     classes = p_fake.shape[1]
 
-    half = len(real) // 2
-    n = min(len(fake), len(real) - half)
-    fd = frechet_distance(f_fake[:n], f_real_size[:half])
-    floor = frechet_distance(f_real_size[half : half + n], f_real_size[:half])
+    if len(fake) < 2:
+        raise DatasetError(f"{samples}: {len(fake)} sample; a Frechet distance needs at least 2 (a covariance)")
+    order = np.random.default_rng(0).permutation(len(real))  # halves of every class, even if the reference is sorted by class
+    a, b = order[: len(real) // 2], order[len(real) // 2 :]
+    n = min(len(fake), len(b))
+    fd = frechet_distance(f_fake[:n], f_real_size[a])
+    floor = frechet_distance(f_real_size[b[:n]], f_real_size[a])
 
     confident = float((p_fake.max(axis=1) >= CONFIDENT).mean())
     real_confident = float((p_real.max(axis=1) >= CONFIDENT).mean())
     train_shares = class_shares(train or reference, view, classes)
     sample_shares = histogram(p_fake.argmax(axis=1), classes)
-    label = (lambda k: names[k]) if names else (lambda k: str(k))
+
+    def label(k: int) -> str:
+        return view.name_of_class.get(k, str(k))
+
     return {
         "samples": samples, "reference": reference, "classifier": classifier, "image_size": size,
         "sample_count": len(fake), "reference_count": len(real), "frechet_count": n,
@@ -165,17 +176,19 @@ def evaluate_samples(samples: str, reference: str, *, classifier: str, train: st
     }
 
 
-def label_indices(labels: list[int], names: list[str] | None, dataset: str, classes: int) -> np.ndarray:
-    """A dataset's category ids -> the classifier's class indices (by category name when both name them)."""
-    meta = read_meta(dataset)
-    by_id = {c["id"]: c["name"] for c in (meta.categories if meta else [])}
-    if names and by_id:
-        index = {name: k for k, name in enumerate(names)}
-        unknown = sorted({by_id.get(i) for i in labels} - set(index), key=str)
+def label_indices(labels: list[int], view: ClassifierView, dataset: str, classes: int) -> np.ndarray:
+    """A dataset's category ids -> the classifier's class indices: by category name when both name them,
+    else id - 1 (the project's classifiers number the categories 1..C as classes 0..C-1)."""
+    by_id = {c["id"]: c["name"] for c in read_meta(dataset).categories}
+    if view.class_of_name and by_id:
+        missing = sorted({i for i in labels if i not in by_id})
+        if missing:
+            raise DatasetError(f"{dataset}: labels {missing[:5]} are not among its dataset.json categories")
+        unknown = sorted({by_id[i] for i in labels} - set(view.class_of_name))
         if unknown:
-            raise DatasetError(f"{dataset}: categories {unknown} are not the classifier's ({', '.join(names)})")
-        return np.array([index[by_id[i]] for i in labels])
-    out = np.array(labels) - 1  # category ids 1..C, as the project's classifiers number their classes 0..C-1
+            raise DatasetError(f"{dataset}: categories {unknown} are not the classifier's ({', '.join(view.class_of_name)})")
+        return np.array([view.class_of_name[by_id[i]] for i in labels])
+    out = np.array(labels) - 1
     if out.min() < 0 or out.max() >= classes:
         raise DatasetError(f"{dataset}: labels outside the classifier's {classes} classes")
     return out
@@ -185,7 +198,7 @@ def class_shares(dataset: str, view: ClassifierView, classes: int) -> np.ndarray
     """Share of each class in ``dataset``: of its labels when every row has one, else of the classifier's top classes."""
     labels = dataset_labels(dataset)
     if labels is not None:
-        return histogram(label_indices(labels, view.names, dataset, classes), classes)
+        return histogram(label_indices(labels, view, dataset, classes), classes)
     return histogram(view(read_images(dataset))[0].argmax(axis=1), classes)
 
 

@@ -96,8 +96,8 @@ class PixelCNN(nn.Module):
 
         Row i's logits depend on rows ``i - reach .. i`` only, so each pass runs on that window (zero
         padding above it changes rows that row i does not read), and the 1 x 1 head on pixel (i, j) alone: the
-        same draws as passes over the whole image (tested), about ``size / (reach + 1)`` times fewer
-        computations.
+        same distribution as passes over the whole image, and on CPU the same draws (tested; a GPU's
+        convolution algorithms may round another way), about ``size / (reach + 1)`` times fewer computations.
         """
         device = next(self.parameters()).device
         x = torch.zeros(len(generators), 3, size, size, device=device)
@@ -112,6 +112,7 @@ class PixelCNN(nn.Module):
                     values = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
                     x[:, c, i, j] = torch.cat(values).to(device).float() / (LEVELS - 1)
         return x
+
 
 def pixelcnn(*, weights=None, weights_backbone=None, num_classes: int | None = None, channels: int = 96, layers: int = 6) -> PixelCNN:
     """Build the PixelCNN (random init). ``weights`` must be None: load checkpoints by path."""

@@ -321,5 +321,3 @@ class SynthesizeStage:
 def to_pixels(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [0, 1] -> RGB uint8 (H, W, 3)."""
     return torch.round(image * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-

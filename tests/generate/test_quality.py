@@ -72,3 +72,29 @@ def test_samples_of_mixed_sizes_are_refused(real, tmp_path):
     mixed = import_arrays(str(tmp_path / "mixed"), [np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)])
     with pytest.raises(DatasetError, match="not squares of one size"):
         evaluate_samples(mixed, str(real / "real"), classifier=CLASSIFIER)
+
+
+def test_the_floor_does_not_depend_on_the_order_of_the_reference(real, tmp_path):
+    """A reference sorted by class (as --class-folders imports one) split in file order would compare
+    circles with triangles: a floor many times the real one. The halves are drawn at random (a fixed seed)."""
+    from pipeline.data.shards import list_shards, read_shard
+    from pipeline.generate.quality import ClassifierView
+
+    labels = [label for s in list_shards(str(real / "real")) for label in read_shard(s, columns=["label"]).column("label").to_pylist()]
+    images = read_images(str(real / "real"))
+    ordered = [images[k] for k in np.argsort(labels, kind="stable")]
+    by_class = import_arrays(str(tmp_path / "sorted"), ordered)
+    small = import_arrays(str(tmp_path / "small"), at_size(read_images(str(real / "other")), 32))
+    floor = evaluate_samples(small, by_class, classifier=CLASSIFIER)["frechet_floor"]
+    features = ClassifierView(CLASSIFIER)(at_size(ordered, 32))[1]
+    in_file_order = frechet_distance(features[60:], features[:60])
+    assert floor < in_file_order / 3
+
+
+def test_what_cannot_be_measured_is_refused(real, tmp_path):
+    one = import_arrays(str(tmp_path / "one"), [np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(DatasetError, match="at least 2"):
+        evaluate_samples(one, str(real / "real"), classifier=CLASSIFIER)
+    detector = str(REPO / "conf" / "models" / "small_maskrcnn_shapes.pth")
+    result = CliRunner().invoke(main, ["eval-generative", one, "--reference", str(real / "real"), "--classifier", detector])
+    assert result.exit_code != 0 and "not a classifier's" in result.output

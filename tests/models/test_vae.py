@@ -47,3 +47,18 @@ def test_a_value_far_from_the_mean_still_pulls_the_mean_towards_it():
     assert torch.isfinite(log_p).all() and log_p[0] < log_p[1] < 0
     log_p[0].backward()
     assert mean.grad[0] > 0
+
+
+def test_the_scale_learns_from_the_start():
+    """The log-scale's upper bound is soft: at initialisation (raw log-scales near 0, above the bound) the
+    decoder's log-scale outputs still get a gradient, and they stay below the bound."""
+    from pipeline.models.vae import MAX_LOG_SCALE
+
+    torch.manual_seed(0)
+    vae = ConvVAE(latent=8, size=16)
+    x = torch.rand(4, 3, 16, 16)
+    vae.nll(x).mean().backward()
+    bias_grad = vae.decoder[-1].bias.grad  # 3 mean channels, then 3 log-scale channels
+    assert (bias_grad[3:].abs() > 0).all()
+    with torch.no_grad():
+        assert float(vae.logistic(torch.randn(4, 8))[1].max()) < MAX_LOG_SCALE
