@@ -134,6 +134,8 @@ def evaluate_samples(samples: str, reference: str, *, classifier: str, train: st
     fake, real = read_images(samples), read_images(reference)
     if len(real) < 4:
         raise DatasetError(f"{reference}: {len(real)} images; the Frechet floor needs at least 4 (two halves of 2)")
+    if len(fake) < 2:
+        raise DatasetError(f"{samples}: {len(fake)} sample; a Frechet distance needs at least 2 (a covariance)")
     sizes = {img.shape[:2] for img in fake}
     if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
         raise DatasetError(f"{samples}: samples are not squares of one size ({sorted(sizes)[:3]}...)")
@@ -144,8 +146,6 @@ def evaluate_samples(samples: str, reference: str, *, classifier: str, train: st
     p_real_size, f_real_size = view(at_size(real, size))
     classes = p_fake.shape[1]
 
-    if len(fake) < 2:
-        raise DatasetError(f"{samples}: {len(fake)} sample; a Frechet distance needs at least 2 (a covariance)")
     order = np.random.default_rng(0).permutation(len(real))  # halves of every class, even if the reference is sorted by class
     a, b = order[: len(real) // 2], order[len(real) // 2 :]
     n = min(len(fake), len(b))
